@@ -1,0 +1,3 @@
+"""autoglm-train: the training side of a modular, phone-class multimodal GLM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Knowledge distillation: teacher→student losses and the pieces that feed them."""

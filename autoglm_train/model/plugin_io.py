@@ -1,0 +1,80 @@
+"""A plugin's own artifact: ``<dir>/plugin.json`` + ``model.safetensors``.
+
+``plugin.json`` carries the ``_target_`` and constructor arguments, so a plugin rebuilds
+from its folder alone, and the decoder fingerprint it was trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from autoglm_train.model.plugin import ModalityPlugin
+
+CONFIG_FILE = "plugin.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class PluginMismatchError(ValueError):
+    """A plugin artifact trained against a different decoder."""
+
+
+def save_plugin(plugin: ModalityPlugin, directory: str | Path, decoder_fingerprint: str | None = None,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write the plugin atomically (temp dir + rename); never pickles."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o755)
+    target = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    meta = {"_target_": target, **plugin.config(), "decoder_fingerprint": decoder_fingerprint, **(extra or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def read_plugin_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a plugin folder (no {CONFIG_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_plugin(directory: str | Path, decoder_fingerprint: str | None = None) -> ModalityPlugin:
+    """Rebuild a plugin from its folder; refuse one trained for another decoder."""
+    from autoglm_train.model.registry import instantiate_plugin
+
+    directory = Path(directory)
+    meta = read_plugin_meta(directory)
+    trained_for = meta.pop("decoder_fingerprint", None)
+    if decoder_fingerprint and trained_for and trained_for != decoder_fingerprint:
+        raise PluginMismatchError(
+            f"{directory}: plugin '{meta.get('name')}' was trained against decoder {trained_for[:12]}, "
+            f"not this decoder {decoder_fingerprint[:12]}; retrain it with recipe=add_modality"
+        )
+    ctor_keys = {"_target_", *_constructor_keys(meta)}
+    plugin = instantiate_plugin({k: v for k, v in meta.items() if k in ctor_keys})
+    missing, unexpected = plugin.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not fit plugin '{plugin.name}' "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return plugin
+
+
+def _constructor_keys(meta: dict[str, Any]) -> list[str]:
+    import inspect
+
+    from hydra.utils import get_class
+
+    cls = get_class(meta["_target_"])
+    return list(inspect.signature(cls.__init__).parameters)[1:]
