@@ -26,6 +26,10 @@ def freeze(components: Mapping[str, nn.Module], trainable: Mapping[str, bool]) -
         total = sum(p.numel() for p in module.parameters())
         counts[name] = (total if trainable[name] else 0, total)
     summary = ", ".join(f"{n}={'train' if trainable[n] else 'frozen'} ({t:,})" for n, (_, t) in counts.items())
-    log.info("freeze: %s | trainable %s of %s params", summary,
-             f"{sum(c[0] for c in counts.values()):,}", f"{sum(c[1] for c in counts.values()):,}")
+    log.info(
+        "freeze: %s | trainable %s of %s params",
+        summary,
+        f"{sum(c[0] for c in counts.values()):,}",
+        f"{sum(c[1] for c in counts.values()):,}",
+    )
     return counts

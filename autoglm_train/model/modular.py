@@ -74,11 +74,15 @@ class ModularLM(nn.Module):
 
     def _check_placeholder(self, plugin: ModalityPlugin) -> None:
         if plugin.placeholder not in self.placeholder_ids:
-            raise ValueError(f"plugin {plugin.name}: placeholder '{plugin.placeholder}' is not a token of this decoder's "
-                             f"tokenizer; reserved: {sorted(self.placeholder_ids)}")
+            raise ValueError(
+                f"plugin {plugin.name}: placeholder '{plugin.placeholder}' is not a token of this decoder's "
+                f"tokenizer; reserved: {sorted(self.placeholder_ids)}"
+            )
         if plugin.hidden_size != self.decoder.config.hidden_size:
-            raise ValueError(f"plugin {plugin.name}: projects to {plugin.hidden_size}, decoder hidden size is "
-                             f"{self.decoder.config.hidden_size}")
+            raise ValueError(
+                f"plugin {plugin.name}: projects to {plugin.hidden_size}, decoder hidden size is "
+                f"{self.decoder.config.hidden_size}"
+            )
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, modality_inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -91,8 +95,13 @@ class ModularLM(nn.Module):
             self.last_gates[name] = gates.detach()
         return embeds
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                modality_inputs: Mapping[str, torch.Tensor] | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        modality_inputs: Mapping[str, torch.Tensor] | None = None,
+        **kwargs,
+    ):
         """Decoder forward; plugins join only when ``modality_inputs`` names them."""
         if not modality_inputs:
             return self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -100,11 +109,16 @@ class ModularLM(nn.Module):
         return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 modality_inputs: Mapping[str, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        modality_inputs: Mapping[str, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Greedy/sampled generation; returns only the new tokens."""
         if not modality_inputs:
             out = self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return out[:, input_ids.shape[1]:]
+            return out[:, input_ids.shape[1] :]
         embeds = self.embed(input_ids, modality_inputs)
         return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)

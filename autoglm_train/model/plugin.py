@@ -74,19 +74,26 @@ class ModalityPlugin(nn.Module, ABC):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, saved next to the weights so the plugin rebuilds itself."""
-        return {"name": self.name, "hidden_size": self.hidden_size, "placeholder": self.placeholder,
-                "num_tokens": self.num_tokens}
+        return {
+            "name": self.name,
+            "hidden_size": self.hidden_size,
+            "placeholder": self.placeholder,
+            "num_tokens": self.num_tokens,
+        }
 
     # --- shared behaviour --------------------------------------------------------------
     def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs → (projected features [B, N, H], gate [B, 1, 1])."""
         features = self.encode(inputs)
         if features.shape[1] != self.num_tokens:
-            raise RuntimeError(f"plugin {self.name}: encoder gave {features.shape[1]} tokens, expected {self.num_tokens}")
+            raise RuntimeError(
+                f"plugin {self.name}: encoder gave {features.shape[1]} tokens, expected {self.num_tokens}"
+            )
         return self.projector(features), self.gate(features)
 
-    def fuse(self, token_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int,
-             inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse(
+        self, token_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend projected features into the placeholder positions, scaled by the gate.
 
         ``embeds[p] = tok[p] + gate · (proj - tok[p])`` at placeholder positions: gate 0 keeps
@@ -98,11 +105,15 @@ class ModalityPlugin(nn.Module, ABC):
         rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
         counts = mask.sum(dim=1)[rows]
         if rows.numel() != inputs.shape[0]:
-            raise ValueError(f"plugin {self.name}: {inputs.shape[0]} inputs for {rows.numel()} rows with "
-                             f"'{self.placeholder}' placeholders")
+            raise ValueError(
+                f"plugin {self.name}: {inputs.shape[0]} inputs for {rows.numel()} rows with "
+                f"'{self.placeholder}' placeholders"
+            )
         if bool((counts != self.num_tokens).any()):
-            raise ValueError(f"plugin {self.name}: each item needs exactly {self.num_tokens} '{self.placeholder}' "
-                             f"tokens, found {counts.tolist()}")
+            raise ValueError(
+                f"plugin {self.name}: each item needs exactly {self.num_tokens} '{self.placeholder}' "
+                f"tokens, found {counts.tolist()}"
+            )
         projected, gate = self.embed(inputs.to(token_embeds.device))
         projected = projected.to(token_embeds.dtype)
         gate = gate.to(token_embeds.dtype)

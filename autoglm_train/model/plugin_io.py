@@ -25,8 +25,12 @@ class PluginMismatchError(ValueError):
     """A plugin artifact trained against a different decoder."""
 
 
-def save_plugin(plugin: ModalityPlugin, directory: str | Path, decoder_fingerprint: str | None = None,
-                extra: dict[str, Any] | None = None) -> Path:
+def save_plugin(
+    plugin: ModalityPlugin,
+    directory: str | Path,
+    decoder_fingerprint: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the plugin atomically (temp dir + rename); never pickles."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +70,10 @@ def load_plugin(directory: str | Path, decoder_fingerprint: str | None = None) -
     plugin = instantiate_plugin({k: v for k, v in meta.items() if k in ctor_keys})
     missing, unexpected = plugin.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: weights do not fit plugin '{plugin.name}' "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE}: weights do not fit plugin '{plugin.name}' "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return plugin
 
 

@@ -1,0 +1,31 @@
+# autoglm-train — `make help` lists the targets.
+PY ?= .venv/bin/python
+
+.PHONY: help setup demo test test-all lint format bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup:  ## venv with CPU torch (unless a GPU is present) + the package and its extras
+	bash scripts/setup.sh
+
+demo: setup  ## distill SmolLM2-135M into the tiny GLM student on the embedded Shakespeare corpus
+	$(PY) train.py recipe=distill
+
+test: setup  ## fast test selection (what CI runs)
+	$(PY) -m pytest -q
+
+test-all: setup  ## every test, slow end-to-end ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint:  ## ruff lint + format check
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format:  ## apply ruff fixes and formatting
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+bench: setup  ## benchmarks → benchmarks/RESULTS.md
+	$(PY) benchmarks/run_all.py
+
+clean:  ## remove runs and caches (keeps the venv)
+	rm -rf outputs .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Lightning modules: the training loops of each recipe."""

@@ -1,0 +1,147 @@
+"""Distillation as a LightningModule: frozen teacher → student decoder, chunked KD loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
+
+
+def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone returning hidden states, lm_head) of a transformers causal LM."""
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+
+
+class DistillTask(L.LightningModule):
+    """Trains ``student`` to match ``teacher`` on next-token distributions.
+
+    The teacher is held outside the module tree (a plain attribute in a tuple), so it is
+    never in ``state_dict``, never given to the optimizer and never sharded as a student
+    parameter; the task moves it to the student's device itself.
+
+    Args:
+        student: the GLM causal LM being trained.
+        teacher: frozen causal LM with the same token ids (``None`` = hard labels only).
+        loss: the chunked KD loss (``conf/loss``).
+        optimizer: ``partial`` taking the parameters (``conf/optim``).
+        scheduler: ``partial`` taking the optimizer and ``num_training_steps``, or None.
+        kd_vocab_size: leading vocab columns shared by teacher and student.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loss: KDLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None,
+        kd_vocab_size: int,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.kd_vocab_size = kd_vocab_size
+        self._val: dict[str, float] = {}
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0]
+
+    def on_fit_start(self) -> None:
+        self._place_teacher()
+
+    def on_validation_start(self) -> None:
+        self._place_teacher()
+
+    def _place_teacher(self) -> None:
+        teacher = self.teacher
+        if teacher is None or getattr(teacher, "is_loaded_in_8bit", False):
+            return  # bitsandbytes int8 weights are placed at load time and refuse .to()
+        first = next(teacher.parameters())
+        if first.device != self.device:
+            teacher.to(self.device)
+
+    # --- forward pieces ---------------------------------------------------------------
+    def _hidden(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        backbone, _ = split_lm(model)
+        return backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+
+    def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self._hidden(self.teacher, batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor]):
+        student_hidden = self._hidden(self.student, batch)
+        teacher_hidden = self._teacher_hidden(batch)
+        return (
+            self.loss(
+                student_hidden,
+                split_lm(self.student)[1],
+                batch["labels"],
+                teacher_hidden=teacher_hidden,
+                teacher_head=split_lm(self.teacher)[1] if self.teacher is not None else None,
+                vocab_size=self.kd_vocab_size,
+            ),
+            student_hidden,
+            teacher_hidden,
+        )
+
+    # --- steps ------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out, _, _ = self._loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
+        self.log("train/kd_loss", out.kd_loss, batch_size=bs)
+        self.log("train/ce_loss", out.ce_loss, batch_size=bs)
+        self.log("train/tokens", float(out.num_tokens), reduce_fx="sum", batch_size=bs)
+        return out.loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"nll": 0.0, "tokens": 0.0, "agree": 0.0, "kl": 0.0}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out, student_hidden, teacher_hidden = self._loss(batch)
+        n = float(out.num_tokens)
+        self._val["nll"] += float(out.ce_loss) * n
+        self._val["tokens"] += n
+        if teacher_hidden is not None:
+            agree, kl = teacher_agreement_and_kl(
+                student_hidden,
+                split_lm(self.student)[1],
+                teacher_hidden,
+                split_lm(self.teacher)[1],
+                batch["labels"],
+                self.kd_vocab_size,
+                self.loss.chunk_size,
+            )
+            self._val["agree"] += float(agree) * n
+            self._val["kl"] += float(kl) * n
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = max(self._val["tokens"], 1.0)
+        nll = self._val["nll"] / tokens
+        metrics = {"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0))}
+        if self.teacher is not None:
+            metrics["val/teacher_top1_agreement"] = self._val["agree"] / tokens
+            metrics["val/kl_to_teacher"] = self._val["kl"] / tokens
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

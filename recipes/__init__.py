@@ -1,0 +1,1 @@
+"""One ``run(cfg)`` per recipe; ``python train.py recipe=<name>`` picks the module."""

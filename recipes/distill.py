@@ -1,0 +1,112 @@
+"""recipe=distill: a frozen teacher LM teaches the student GLM decoder.
+
+Reads top to bottom: tokenizer + vocab preflight → data → teacher → student → task →
+fit (resumable) → save the student as a plain HF directory → summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from autoglm_train.data.datamodule import TextDataModule
+from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
+from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
+from autoglm_train.model.decoder import build_decoder, count_parameters
+from autoglm_train.model.hf_io import save_hf_decoder
+from autoglm_train.tasks.distill_task import DistillTask
+from autoglm_train.tasks.summary import write_summary
+from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir
+from autoglm_train.utils.resume import resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Distill ``cfg.teacher`` into a fresh ``cfg.model`` student; returns the run summary."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    trainer = build_trainer(cfg)  # checks precision/hardware before anything heavy
+
+    # 1. Tokenizer and vocabulary preflight (cheap; fails before the teacher is loaded).
+    teacher_spec = instantiate(cfg.teacher)
+    teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
+    base_vocab = len(teacher_tokenizer)
+    own = cfg.recipe.student_tokenizer
+    tokenizer = student_tokenizer(teacher_tokenizer, _load_tokenizer(own) if own else None)
+
+    # 2. Data: tokenized, packed, split and cached.
+    data = TextDataModule(instantiate(cfg.data), tokenizer)
+
+    # 3. Teacher (frozen) and the width both sides are compared on.
+    teacher = load_teacher(teacher_spec)
+    plan = plan_vocab(teacher.get_output_embeddings().weight.shape[0], base_vocab, tokenizer)
+
+    # 4. Student: a fresh GLM decoder with the teacher's token ids.
+    student = build_decoder(instantiate(cfg.model), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    log.info(
+        "student %s: %s params (vocab %d, KD over %d)",
+        cfg.model.name,
+        f"{count_parameters(student):,}",
+        student.config.vocab_size,
+        plan.kd_vocab_size,
+    )
+
+    # 5. Task and fit; resumes from the newest complete checkpoint when asked.
+    task = DistillTask(
+        student,
+        teacher,
+        instantiate(cfg.loss),
+        instantiate(cfg.optim.optimizer),
+        instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        plan.kd_vocab_size,
+    )
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg))
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt)
+    val = trainer.validate(task, datamodule=data, verbose=False)[0] if trainer.limit_val_batches else {}
+
+    # 6. The student as a plain HF directory, plus greedy samples to eyeball.
+    student_dir = save_hf_decoder(student, tokenizer, out_dir / "student")
+    samples = _samples(student, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens))
+    summary = {
+        "recipe": "distill",
+        "student_dir": str(student_dir),
+        "student_params": count_parameters(student),
+        "teacher": cfg.teacher.path,
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt,
+        "data_report": getattr(data, "report_dict", lambda: {})(),
+        **{k: float(v) for k, v in val.items()},
+        "samples": samples,
+    }
+    write_summary(out_dir / "run_summary.json", summary)
+    log.info(
+        "student saved to %s | val/ppl %.2f | agreement %.3f",
+        student_dir,
+        summary.get("val/ppl", float("nan")),
+        summary.get("val/teacher_top1_agreement", float("nan")),
+    )
+    return summary
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, str]:
+    model.eval()
+    out = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out[prompt] = tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True)
+        log.info("sample %r -> %r", prompt, out[prompt])
+    return out

@@ -1,0 +1,1 @@
+"""A third modality defined outside the package: proof that a plugin is one class + one yaml."""
