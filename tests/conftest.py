@@ -35,8 +35,17 @@ def micro_spec(**overrides):
     """A GLM decoder shape small enough to build in milliseconds."""
     from autoglm_train.model.decoder import DecoderSpec
 
-    shape = dict(name="micro", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    shape = dict(
+        name="micro",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     return DecoderSpec(**{**shape, **overrides})
 
 

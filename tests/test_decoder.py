@@ -23,7 +23,12 @@ def test_9b_shape_on_meta_device_has_glm4_9b_parameter_count():
     assert all(p.device.type == "meta" for p in model.parameters())
     assert count_parameters(model) == 9_399_951_360
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (40, 4096, 32, 2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        40,
+        4096,
+        32,
+        2,
+    )
     assert (cfg.intermediate_size, cfg.vocab_size) == (13696, 151552)
     assert cfg.rope_parameters["partial_rotary_factor"] == 0.5
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from autoglm_train.distill.vocab import plan_vocab
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.modular import ModularLM
 from autoglm_train.model.plugin_io import save_plugin
 from autoglm_train.model.registry import UnknownPluginError, instantiate_plugin, plugin_config
-from autoglm_train.distill.vocab import plan_vocab
 from tests.conftest import REPO
 
 TOY_CONF = REPO / "tests" / "toy"

@@ -13,8 +13,9 @@ from autoglm_train.model.plugin import ModalityPlugin
 class SensorPlugin(ModalityPlugin):
     """Encodes an ``in_dim`` vector into ``num_tokens`` feature vectors with a small MLP."""
 
-    def __init__(self, name: str, hidden_size: int, placeholder: str, num_tokens: int, in_dim: int = 8,
-                 width: int = 16) -> None:
+    def __init__(
+        self, name: str, hidden_size: int, placeholder: str, num_tokens: int, in_dim: int = 8, width: int = 16
+    ) -> None:
         self.in_dim, self.width = in_dim, width
         super().__init__(name, hidden_size, placeholder, num_tokens)
 

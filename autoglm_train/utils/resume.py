@@ -1,0 +1,91 @@
+"""Pick the checkpoint a run resumes from: ``None`` (fresh), ``"last"``/``"auto"`` (newest complete one) or a path.
+
+Lightning's own ``fit(ckpt_path="last")`` trusts the newest ``last*.ckpt`` by mtime; this checks completeness,
+orders by the ``global_step`` recorded in the checkpoint, and skips interrupted saves (with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from autoglm_train.utils.checkpoint_io import (
+    COMPLETE_FILE,
+    SCRATCH_RE,
+    TENSORS_FILE,
+    TREE_FILE,
+    CheckpointInfo,
+    inspect_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+LAST_ALIASES = ("last", "auto")
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint-looking entries, plus a previous version left aside by a save that was killed mid-replace."""
+    found = []
+    for entry in sorted(ckpt_dir.iterdir()):
+        scratch = SCRATCH_RE.match(entry.name)
+        if scratch:
+            # Only an `old` whose replacement never landed still holds the newest complete state.
+            if scratch["kind"] == "old" and not os.path.lexists(ckpt_dir / scratch["target"]):
+                found.append(entry)
+            continue
+        looks_like_ckpt = entry.suffix == ".ckpt" or any(
+            (entry / name).exists() for name in (COMPLETE_FILE, TREE_FILE, TENSORS_FILE)
+        )
+        if looks_like_ckpt:
+            found.append(entry)
+    return found
+
+
+def find_last_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint in ``ckpt_dir`` (highest global_step, then latest completion), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    by_target: dict[Path, CheckpointInfo] = {}
+    for entry in _candidates(ckpt_dir):
+        try:
+            info = inspect_checkpoint(entry)
+        except (ValueError, FileNotFoundError) as err:
+            log.warning("Ignoring checkpoint %s: %s", entry, err)
+            continue
+        # `last.ckpt` may be a symlink to `step=N.ckpt`: report the real directory, which a later link cannot move.
+        real = entry.resolve()
+        if real not in by_target or by_target[real].path.is_symlink():
+            by_target[real] = info
+    if not by_target:
+        return None
+    best = max(by_target.values(), key=lambda i: (-1 if i.global_step is None else i.global_step, i.completed_at))
+    return best.path
+
+
+def resolve_ckpt_path(value: str | os.PathLike[str] | None, ckpt_dir: str | os.PathLike[str]) -> str | None:
+    """Turn the ``ckpt_path`` config value into a path for ``trainer.fit(ckpt_path=...)``.
+
+    Args:
+        value: None for a fresh run, ``"last"``/``"auto"`` for the newest complete checkpoint in ``ckpt_dir`` (None
+            when there is none yet, so a resubmitted job starts fresh the first time), or an explicit path.
+        ckpt_dir: where this run's checkpoints are written.
+
+    Raises:
+        FileNotFoundError: an explicit path does not exist.
+        ValueError: an explicit path is not a complete checkpoint directory.
+    """
+    if value is None:
+        return None
+    if str(value) in LAST_ALIASES:
+        last = find_last_checkpoint(ckpt_dir)
+        if last is None:
+            log.info("ckpt_path=%s: no complete checkpoint in %s; starting fresh", value, ckpt_dir)
+            return None
+        log.info("ckpt_path=%s: resuming from %s", value, last)
+        return str(last)
+    path = Path(value).expanduser()
+    inspect_checkpoint(path)  # raises with the path in the message
+    log.info("Resuming from %s", path)
+    return str(path)

@@ -1,0 +1,279 @@
+"""Chunked KD losses equal a naive full-logits reference, and never build B×T×V logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoglm_train.distill.losses import (
+    KD_KINDS,
+    TOPK_KINDS,
+    KDLoss,
+    divergence,
+    teacher_agreement_and_kl,
+    topk_divergence,
+)
+
+B, T, HS, HT, V = 2, 7, 16, 12, 50
+V_STUDENT = V + 4  # reserved rows the KD term must ignore
+V_TEACHER = V + 6  # padded rows the KD term must ignore
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
+
+
+def make_case(t: int = T, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student_head = nn.Linear(HS, V_STUDENT, bias=False)
+    teacher_head = nn.Linear(HT, V_TEACHER, bias=False)
+    labels = torch.randint(0, V_STUDENT, (B, t), generator=g)
+    labels[0, :2] = -100
+    labels[1, -1] = -100
+    return {
+        "student_hidden": torch.randn(B, t, HS, generator=g, requires_grad=True),
+        "student_head": student_head,
+        "teacher_hidden": torch.randn(B, t, HT, generator=g),
+        "teacher_head": teacher_head.requires_grad_(False),
+        "labels": labels,
+    }
+
+
+def reference_loss(kind: str, tau: float, kd_ratio: float, case: dict, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+    """Naive: full [B, T, V] logits, divergences written in probability space."""
+    s_logits = case["student_head"](case["student_hidden"])
+    t_logits = case["teacher_head"](case["teacher_hidden"]).detach()
+    mask = case["labels"] != -100
+    ce = F.cross_entropy(s_logits.reshape(-1, V_STUDENT), case["labels"].reshape(-1), ignore_index=-100)
+    p = torch.softmax(t_logits[..., :V] / tau, -1)
+    q = torch.softmax(s_logits[..., :V] / tau, -1)
+    if kind == "forward_kl":
+        d = (p * (p / q).log()).sum(-1)
+    elif kind == "reverse_kl":
+        d = (q * (q / p).log()).sum(-1)
+    elif kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        d = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+    elif kind == "skew_kl":
+        d = (p * (p / (alpha * p + (1 - alpha) * q)).log()).sum(-1)
+    elif kind == "skew_reverse_kl":
+        d = (q * (q / (alpha * q + (1 - alpha) * p)).log()).sum(-1)
+    else:
+        d = 0.5 * (p - q).abs().sum(-1)
+    kd = d[mask].mean() * tau**2
+    return kd_ratio * kd + (1 - kd_ratio) * ce
+
+
+def grads(loss: Tensor, case: dict) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(loss, (case["student_hidden"], case["student_head"].weight))
+
+
+def chunked(loss_fn: KDLoss, case: dict, **kw):
+    return loss_fn(
+        case["student_hidden"],
+        case["student_head"],
+        case["labels"],
+        teacher_hidden=kw.pop("teacher_hidden", case["teacher_hidden"]),
+        teacher_head=kw.pop("teacher_head", case["teacher_head"]),
+        vocab_size=V,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_chunked_matches_reference(kind: str, tau: float, kd_ratio: float) -> None:
+    case = make_case()
+    out = chunked(KDLoss(kind=kind, temperature=tau, kd_ratio=kd_ratio, chunk_size=3), case)
+    ref = reference_loss(kind, tau, kd_ratio, case)
+    assert out.num_tokens == int((case["labels"] != -100).sum()) == 11  # 11 % 3 != 0
+    torch.testing.assert_close(out.loss, ref, **TOL)
+    for got, want in zip(grads(out.loss, case), grads(ref, case), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_identical_distributions_have_zero_divergence(kind: str) -> None:
+    logp = torch.randn(5, V).log_softmax(-1)
+    torch.testing.assert_close(divergence(kind, logp, logp), torch.zeros(5), atol=1e-6, rtol=0)
+    case = make_case()
+    same = chunked(
+        KDLoss(kind=kind, chunk_size=4), case, teacher_hidden=case["student_hidden"], teacher_head=case["student_head"]
+    )
+    torch.testing.assert_close(same.kd_loss, torch.zeros(()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", TOPK_KINDS)
+def test_topk_identical_is_zero(kind: str) -> None:
+    logp = torch.randn(5, V).log_softmax(-1)
+    top, ids = logp.topk(V, -1)
+    torch.testing.assert_close(topk_divergence(kind, top, logp, ids), torch.zeros(5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("kind", "kl"),
+        ("temperature", 0.0),
+        ("beta", 0.0),
+        ("beta", 1.0),
+        ("skew_alpha", 1.0),
+        ("skew_alpha", -0.1),
+        ("kd_ratio", 1.5),
+        ("kd_ratio", -0.5),
+        ("chunk_size", 0),
+        ("chunk_size", 2.5),
+    ],
+)
+def test_invalid_config_names_the_key(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"loss\.{key}="):
+        KDLoss(**{key: value})
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("kind", TOPK_KINDS)
+def test_topk_with_k_equal_vocab_matches_full(kind: str, tau: float) -> None:
+    case = make_case()
+    loss_fn = KDLoss(kind=kind, temperature=tau, kd_ratio=0.7, chunk_size=3)
+    full = chunked(loss_fn, case)
+    t_logp = case["teacher_head"](case["teacher_hidden"])[..., :V].log_softmax(-1)
+    topk = chunked(loss_fn, case, teacher_hidden=None, teacher_head=None, teacher_topk=t_logp.topk(V, -1))
+    torch.testing.assert_close(topk.loss, full.loss, **TOL)
+    for got, want in zip(grads(topk.loss, case), grads(full.loss, case), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_topk_forward_kl_uses_renormalised_teacher() -> None:
+    case = make_case()
+    k = 5
+    t_logp = case["teacher_head"](case["teacher_hidden"])[..., :V].log_softmax(-1)
+    top, ids = t_logp.topk(k, -1)
+    out = chunked(
+        KDLoss(kind="forward_kl", kd_ratio=1.0, chunk_size=4),
+        case,
+        teacher_hidden=None,
+        teacher_head=None,
+        teacher_topk=(top, ids),
+    )
+    p = top.exp() / top.exp().sum(-1, keepdim=True)
+    q = case["student_head"](case["student_hidden"])[..., :V].softmax(-1).gather(-1, ids)
+    ref = (p * (p / q).log()).sum(-1)[case["labels"] != -100].mean()
+    torch.testing.assert_close(out.loss, ref, **TOL)
+
+
+def test_topk_unsupported_kind_raises() -> None:
+    case = make_case()
+    topk = torch.randn(B, T, 4).log_softmax(-1), torch.randint(0, V, (B, T, 4))
+    with pytest.raises(NotImplementedError, match="jsd"):
+        chunked(KDLoss(kind="jsd"), case, teacher_hidden=None, teacher_head=None, teacher_topk=topk)
+
+
+def test_ce_only_without_teacher() -> None:
+    case = make_case()
+    out = chunked(KDLoss(kd_ratio=0.0, chunk_size=5), case, teacher_hidden=None, teacher_head=None)
+    logits = case["student_head"](case["student_hidden"]).reshape(-1, V_STUDENT)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, case["labels"].reshape(-1)), **TOL)
+    with pytest.raises(ValueError, match=r"loss\.kd_ratio=0\.5 > 0 needs a teacher"):
+        chunked(KDLoss(kd_ratio=0.5), case, teacher_hidden=None, teacher_head=None)
+
+
+def test_all_positions_ignored_gives_zero_and_backprops() -> None:
+    case = make_case()
+    case["labels"].fill_(-100)
+    out = chunked(KDLoss(), case)
+    assert out.num_tokens == 0
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert case["student_head"].weight.grad is not None
+
+
+def test_half_precision_head_gives_float32_loss() -> None:
+    case = make_case()
+    case["student_head"].to(torch.bfloat16)
+    case["student_hidden"] = case["student_hidden"].detach().bfloat16().requires_grad_()
+    out = chunked(KDLoss(kind="jsd", chunk_size=4), case)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(case["student_hidden"].grad.float()).all()
+
+
+def test_no_full_logits_are_saved_for_backward() -> None:
+    """Every tensor autograd keeps must be far smaller than B×T×V; the naive path must not be."""
+    case = make_case(t=64)
+    full = B * 64 * V
+
+    def max_saved_numel(fn) -> int:
+        sizes = [0]
+
+        def pack(x: Tensor) -> Tensor:
+            sizes.append(x.numel())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            loss = fn()
+            loss.backward()
+        return max(sizes)
+
+    chunked_max = max_saved_numel(lambda: chunked(KDLoss(kind="jsd", chunk_size=8), case).loss)
+    naive_max = max_saved_numel(lambda: reference_loss("jsd", 1.0, 0.5, case))
+    assert naive_max >= full  # the probe does see full logits when they are kept
+    assert chunked_max < full // 4
+
+
+def test_no_full_logits_are_ever_created() -> None:
+    """Stronger than the saved-tensor check: watch every vocab-wide op output, forward and backward.
+
+    Only tensors whose last dim is a vocab width count: the B×T×H hidden-state gradient is
+    legitimately full-size.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaxNumel(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.max = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(o, Tensor) and o.dim() and o.shape[-1] >= V:
+                    self.max = max(self.max, o.numel())
+            return out
+
+    case = make_case(t=64)
+    with MaxNumel() as probe:
+        chunked(KDLoss(kind="skew_kl", chunk_size=8), case).loss.backward()
+    assert probe.max < B * 64 * V // 4
+    with MaxNumel() as naive:
+        reference_loss("skew_kl", 1.0, 0.5, case).backward()
+    assert naive.max >= B * 64 * V
+
+
+def test_teacher_agreement_and_kl() -> None:
+    case = make_case()
+    args = (case["student_hidden"], case["student_head"], case["teacher_hidden"], case["teacher_head"])
+    agree, kl = teacher_agreement_and_kl(*args, case["labels"], vocab_size=V, chunk_size=3)
+    mask = case["labels"] != -100
+    s = case["student_head"](case["student_hidden"])[..., :V][mask]
+    t = case["teacher_head"](case["teacher_hidden"])[..., :V][mask]
+    torch.testing.assert_close(agree, (s.argmax(-1) == t.argmax(-1)).float().mean())
+    p, q = t.softmax(-1), s.softmax(-1)
+    torch.testing.assert_close(kl, (p * (p / q).log()).sum(-1).mean(), **TOL)
+    same = teacher_agreement_and_kl(*args[:2], *args[:2], case["labels"], vocab_size=V, chunk_size=3)
+    assert same[0].item() == 1.0 and abs(same[1].item()) < 1e-6
+
+
+def test_every_loss_config_instantiates() -> None:
+    hydra_utils = pytest.importorskip("hydra.utils")
+    omegaconf = pytest.importorskip("omegaconf")
+    files = sorted(LOSS_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} == set(KD_KINDS)
+    for f in files:
+        assert f.read_text().startswith("# ")
+        loss_fn = hydra_utils.instantiate(omegaconf.OmegaConf.load(f))
+        assert isinstance(loss_fn, KDLoss) and loss_fn.kind == f.stem
+        assert (loss_fn.temperature, loss_fn.kd_ratio, loss_fn.chunk_size) == (1.0, 0.5, 256)
