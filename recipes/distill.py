@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
         "teacher": cfg.teacher.path,
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
-        "data_report": getattr(data, "report_dict", lambda: {})(),
+        "data": {**data.stats, "skipped_rows": data.report.to_dict()},
         **{k: float(v) for k, v in val.items()},
         "samples": samples,
     }

@@ -34,7 +34,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
         save_on_train_epoch_end=False,
     )
     logger = instantiate(cfg.logger)
-    callbacks = [checkpoints, *(extra_callbacks or [])]
+    configured = [instantiate(node) for node in cfg.get("callbacks") or []]
+    callbacks = [checkpoints, *configured, *(extra_callbacks or [])]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return instantiate(

@@ -1,0 +1,141 @@
+"""recipe=distill end to end on tiny shapes: real teacher, real data, resumable after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import CACHE, REPO
+
+
+def _corpus(tmp_path: Path) -> Path:
+    """A small real corpus (a few Shakespeare sonnets-length blocks) written per test."""
+    from autoglm_train.data.corpora import corpus_documents
+
+    docs = [d for _, d in zip(range(12), corpus_documents("shakespeare"), strict=False)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
+    return path
+
+
+def _overrides(tmp_path: Path, corpus: Path, steps: int) -> list[str]:
+    return [
+        "recipe=distill",
+        "data=local",
+        f"data.source={corpus}",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "data.val_fraction=0.2",
+        "data.max_val_blocks=4",
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.num_key_value_heads=2",
+        "model.intermediate_size=128",
+        "loss.chunk_size=16",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "recipe.checkpoint_every_n_steps=2",
+        "recipe.sample_max_new_tokens=4",
+        f"paths.root_dir={tmp_path}",
+        f"paths.cache_dir={CACHE}",
+        "run_name=t",
+    ]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_distill_run_writes_a_loadable_student_and_metrics(tmp_path):
+    from recipes.distill import run
+
+    cfg = _compose(_overrides(tmp_path, _corpus(tmp_path), steps=4))
+    summary = run(cfg)
+    out = tmp_path / "outputs" / "t"
+    assert summary["global_step"] == 4
+    for key in ("val/loss", "val/ppl", "val/teacher_top1_agreement", "val/kl_to_teacher"):
+        assert key in summary and summary[key] == summary[key], key  # present and not NaN
+    assert 0.0 <= summary["val/teacher_top1_agreement"] <= 1.0
+    # the student is a plain HF directory: transformers alone loads it, logits match the trained weights
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert type(student).__name__ == "GlmForCausalLM"
+    assert not list((out / "student").glob("*.bin")) and (out / "student" / "model.safetensors").is_file()
+    # the teacher never enters a checkpoint
+    ckpts = sorted((out / "checkpoints").glob("step=*.ckpt"))
+    assert ckpts, "periodic checkpoints written"
+    keys = load_file(str(ckpts[-1] / "tensors.safetensors")).keys()
+    assert keys and not any("teacher" in k for k in keys)
+    assert json.loads((out / "run_summary.json").read_text())["student_params"] == summary["student_params"]
+
+
+def _train_subprocess(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides, *extra], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def _losses(path: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out: dict[int, float] = {}
+    for row in rows:
+        out.setdefault(row["step"], row["loss"])  # a re-run step after resume must match its first record
+        assert abs(out[row["step"]] - row["loss"]) <= 1e-5, row
+    return out
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_losses(tmp_path):
+    corpus = _corpus(tmp_path)
+    steps = 7
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    rec = "+callbacks=[{_target_: tests.faults.LossRecorder, path: %s}]"
+    a = _train_subprocess(straight, _overrides(straight, corpus, steps), rec % (straight / "loss.jsonl"))
+    assert a.returncode == 0, a.stderr[-3000:]
+
+    killed = _train_subprocess(
+        broken,
+        _overrides(broken, corpus, steps),
+        "+callbacks=[{_target_: tests.faults.LossRecorder, path: %s}, {_target_: tests.faults.KillAtStep, step: 5}]"
+        % (broken / "loss.jsonl"),
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (broken / "outputs" / "t" / "student").exists()
+    resumed = _train_subprocess(broken, _overrides(broken, corpus, steps), rec % (broken / "loss.jsonl"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in (resumed.stdout + resumed.stderr).lower()
+
+    want, got = _losses(straight / "loss.jsonl"), _losses(broken / "loss.jsonl")
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step in want:
+        assert abs(want[step] - got[step]) <= 1e-5, (step, want[step], got[step])
+    a_w = load_file(str(straight / "outputs" / "t" / "student" / "model.safetensors"))
+    b_w = load_file(str(broken / "outputs" / "t" / "student" / "model.safetensors"))
+    for k in a_w:
+        torch.testing.assert_close(a_w[k], b_w[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["teacher=gguf", "teacher.path=/nope/teacher.gguf"], "teacher.path='/nope/teacher.gguf'"),
+        (["trainer.precision=16-true"], "cannot run on CPU"),
+        (["trainer.precision=16-mixed"], "cannot run on CPU"),
+    ],
+)
+def test_bad_configs_fail_before_training_with_one_clear_line(tmp_path, extra, message):
+    result = _train_subprocess(tmp_path, _overrides(tmp_path, tmp_path / "none.jsonl", 2), *extra)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "outputs" / "t" / "checkpoints").exists()
