@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
+from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, cache_dir_for
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.model.decoder import build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
@@ -46,6 +47,21 @@ def run(cfg: DictConfig) -> dict:
     # 3. Teacher (frozen) and the width both sides are compared on.
     teacher = load_teacher(teacher_spec)
     plan = plan_vocab(teacher.get_output_embeddings().weight.shape[0], base_vocab, tokenizer)
+
+    # 3b. Optional offline teacher top-k: training then never runs the teacher.
+    cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
+    if cache_spec.enabled:
+        if not teacher_spec.load_in_8bit:
+            teacher.to(trainer.strategy.root_device)
+        data.setup("fit")
+        cache_dir = cache_dir_for(
+            Path(cfg.paths.cache_dir) / "teacher_topk",
+            cfg.teacher.path,
+            f"{data.data.cache_path.name}:{len(data.data.train)}",
+            cache_spec.k,
+            plan.kd_vocab_size,
+        )
+        data.attach_train_columns(build_topk_cache(teacher, data.data.train, cache_dir, cache_spec, plan.kd_vocab_size))
 
     # 4. Student: a fresh GLM decoder with the teacher's token ids.
     student = build_decoder(instantiate(cfg.model), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)

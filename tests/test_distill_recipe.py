@@ -139,3 +139,24 @@ def test_bad_configs_fail_before_training_with_one_clear_line(tmp_path, extra, m
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "outputs" / "t" / "checkpoints").exists()
+
+
+def test_distill_from_offline_teacher_topk_cache(tmp_path, caplog):
+    import logging
+
+    from recipes.distill import run
+
+    overrides = _overrides(tmp_path, _corpus(tmp_path), steps=3)
+    overrides = [o for o in overrides if not o.startswith("paths.cache_dir")] + [
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"teacher.cache_dir={CACHE / 'teachers'}",
+        "recipe.teacher_cache.enabled=true",
+        "recipe.teacher_cache.k=8",
+        "recipe.teacher_cache.shard_blocks=16",
+    ]
+    with caplog.at_level(logging.INFO):
+        summary = run(_compose(overrides))
+    assert summary["global_step"] == 3
+    assert "teacher top-k cache: shard 1/" in caplog.text
+    assert list((tmp_path / "cache" / "teacher_topk").glob("topk-k8-*/meta.json"))
+    assert 0.0 <= summary["val/teacher_top1_agreement"] <= 1.0

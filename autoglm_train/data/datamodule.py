@@ -35,6 +35,11 @@ class TextDataModule(L.LightningDataModule):
         self.spec = spec
         self.tokenizer = tokenizer
         self._data: PackedText | None = None
+        self._train_columns: Any = None
+
+    def attach_train_columns(self, columns: Any) -> None:
+        """Extra per-block columns for training (e.g. the teacher's cached top-k), aligned with ``data.train``."""
+        self._train_columns = columns
 
     def prepare_data(self) -> None:
         """Build the corpus and packed cache once (Lightning runs this on one process per node)."""
@@ -77,8 +82,15 @@ class TextDataModule(L.LightningDataModule):
         return None
 
     def train_dataloader(self) -> ResumableLoader:
+        train = self.data.train
+        if self._train_columns is not None:
+            from datasets import concatenate_datasets
+
+            if len(self._train_columns) != len(train):
+                raise ValueError(f"extra train columns have {len(self._train_columns)} rows, train has {len(train)}")
+            train = concatenate_datasets([train, self._train_columns], axis=1).with_format("numpy")
         loader = ResumableLoader(
-            self.data.train,
+            train,
             self.spec.batch_size,
             shuffle=True,
             seed=self.spec.seed,

@@ -47,11 +47,17 @@ class _BatchTable(Dataset):
 
 
 def fetch_batch(dataset: Any, indices: list[int]) -> dict[str, torch.Tensor]:
-    """Rows ``indices`` as a dict of int64 tensors (HF datasets in numpy format; else ``default_collate``)."""
+    """Rows ``indices`` as a dict of tensors: integer columns int64, float columns float32 (HF datasets in numpy
+    format; else ``default_collate``)."""
     if hasattr(dataset, "with_format"):
         rows = dataset[indices]
-        return {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in rows.items()}
+        return {k: torch.from_numpy(_as_batch_array(v)) for k, v in rows.items()}
     return default_collate([dataset[i] for i in indices])
+
+
+def _as_batch_array(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    return array.astype(np.float32 if np.issubdtype(array.dtype, np.floating) else np.int64)
 
 
 class ResumableLoader:

@@ -1,0 +1,134 @@
+"""Offline teacher top-k: run the teacher over the training blocks once, distill without it.
+
+Per token we keep the teacher's ``k`` largest log-probs (float16) and their ids (uint16
+when the vocabulary fits, else int32): at k=32 that is 128 bytes/token for a <65,536-token
+vocabulary, 192 otherwise. Written shard by shard (each one renamed into place when
+complete), so a killed build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+FORMAT = 1
+
+
+@dataclass
+class TopKCacheSpec:
+    """``recipe.teacher_cache`` in the distill recipe."""
+
+    enabled: bool = False
+    k: int = 32
+    shard_blocks: int = 256
+    """Blocks per shard: the unit of resumption."""
+    batch_size: int = 8
+    """Teacher forward batch size while building."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"recipe.teacher_cache.k={self.k} must be >= 1")
+        if self.shard_blocks < 1 or self.batch_size < 1:
+            raise ValueError("recipe.teacher_cache.shard_blocks and batch_size must be >= 1")
+
+
+def cache_dir_for(root: str | Path, teacher_id: str, data_fingerprint: str, k: int, vocab: int) -> Path:
+    """One cache per (teacher, packed data, k, compared vocab)."""
+    key = hashlib.sha256(f"{FORMAT}:{teacher_id}:{data_fingerprint}:{k}:{vocab}".encode()).hexdigest()[:16]
+    return Path(root) / f"topk-k{k}-{key}"
+
+
+def bytes_per_token(k: int, vocab: int) -> int:
+    return k * (2 + (2 if vocab <= np.iinfo(np.uint16).max + 1 else 4))
+
+
+@torch.no_grad()
+def build_topk_cache(teacher: nn.Module, train, directory: str | Path, spec: TopKCacheSpec, vocab_size: int):
+    """Teacher top-k log-probs for every block of ``train``; returns the cache as a ``datasets.Dataset``.
+
+    Shards already on disk are kept (resume); the finished cache is reused as is.
+    """
+    import datasets
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(train)
+    shards = [(start, min(start + spec.shard_blocks, n)) for start in range(0, n, spec.shard_blocks)]
+    id_dtype = "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
+    backbone = getattr(teacher, teacher.base_model_prefix)
+    head = teacher.get_output_embeddings()
+    device = next(teacher.parameters()).device
+    seq_len = len(train[0]["input_ids"])
+    features = datasets.Features(
+        {
+            "topk_ids": datasets.Array2D((seq_len, spec.k), id_dtype),
+            "topk_logprobs": datasets.Array2D((seq_len, spec.k), "float16"),
+        }
+    )
+    done = 0
+    for index, (start, stop) in enumerate(shards):
+        target = directory / f"shard-{index:05d}"
+        if target.is_dir():
+            done += 1
+            continue
+        ids, logprobs = [], []
+        for s in range(start, stop, spec.batch_size):
+            input_ids = torch.as_tensor(np.asarray(train[s : min(s + spec.batch_size, stop)]["input_ids"]))
+            hidden = backbone(input_ids=input_ids.to(device)).last_hidden_state
+            logits = head(hidden).float()[..., :vocab_size]
+            top = torch.log_softmax(logits, dim=-1).topk(spec.k, dim=-1)
+            ids.append(top.indices.cpu().numpy().astype(id_dtype))
+            logprobs.append(top.values.cpu().numpy().astype(np.float16))
+        shard = datasets.Dataset.from_dict(
+            {"topk_ids": np.concatenate(ids), "topk_logprobs": np.concatenate(logprobs)},
+            features=features,
+        )
+        tmp = directory / f".shard-{index:05d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shard.save_to_disk(str(tmp))
+        os.replace(tmp, target)
+        log.info("teacher top-k cache: shard %d/%d (%d blocks) written", index + 1, len(shards), stop - start)
+    if done:
+        log.info("teacher top-k cache: %d of %d shards reused from %s", done, len(shards), directory)
+    meta = {
+        "format": FORMAT,
+        "k": spec.k,
+        "blocks": n,
+        "shards": len(shards),
+        "id_dtype": id_dtype,
+        "bytes_per_token": bytes_per_token(spec.k, vocab_size),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return load_topk_cache(directory)
+
+
+def load_topk_cache(directory: str | Path):
+    """The finished cache as one ``datasets.Dataset`` (memory-mapped shards, in order)."""
+    import datasets
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: teacher top-k cache is incomplete (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    parts = [datasets.load_from_disk(str(directory / f"shard-{i:05d}")) for i in range(meta["shards"])]
+    cache = datasets.concatenate_datasets(parts)
+    if len(cache) != meta["blocks"]:
+        raise ValueError(f"{directory}: cache has {len(cache)} blocks, meta.json says {meta['blocks']}")
+    return cache
+
+
+def disk_bytes(directory: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*.arrow"))
