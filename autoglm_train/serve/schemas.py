@@ -1,0 +1,130 @@
+"""Request bodies of the OpenAI-compatible API (pydantic): field types, ranges, and our extensions.
+
+Unknown fields are ignored (clients send many optional ones); fields that would change the
+answer in ways this server cannot honour (tools, JSON response formats, suffix) are refused
+by the handlers with a 400 rather than silently dropped.
+
+Extensions beyond OpenAI's fields: ``enable_thinking``, ``return_reasoning``,
+``chat_template_kwargs`` (chat), ``ignore_eos`` (both), as vLLM and SGLang accept them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+KNOWN_PART_TYPES = ("text", "image_url", "input_audio")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Model):
+    data: str
+    """Base64 audio bytes (a ``data:`` URL is accepted too)."""
+    format: str = "wav"
+
+
+class AudioPart(_Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class OtherPart(BaseModel):
+    """A content part of a type this server does not know; refused with a 400 naming the type."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+def _part_tag(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in KNOWN_PART_TYPES else "other"
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image_url")]
+    | Annotated[AudioPart, Tag("input_audio")]
+    | Annotated[OtherPart, Tag("other")],
+    Discriminator(_part_tag),
+]
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+_Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+_TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class _Sampling(_Model):
+    model: str
+    temperature: _Temperature | None = None
+    top_p: _TopP | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: _Penalty = 0.0
+    frequency_penalty: _Penalty = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    enable_thinking: bool | None = None
+    """Thinking on/off, passed to the chat template (also accepted inside ``chat_template_kwargs``)."""
+    return_reasoning: bool | None = None
+    """Return the text between think tags as ``reasoning_content``; stripped when false (the default)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
+    max_tokens: Annotated[int, Field(ge=0)] = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
