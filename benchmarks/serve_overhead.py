@@ -13,12 +13,12 @@ The server runs in-process under uvicorn on 127.0.0.1 and is driven over real HT
 from __future__ import annotations
 
 import argparse
-import sys
 import base64
 import io
 import json
 import resource
 import statistics
+import sys
 import time
 import wave
 from pathlib import Path
