@@ -1,7 +1,7 @@
 # autoglm-train — `make help` lists the targets.
 PY ?= .venv/bin/python
 
-.PHONY: help setup demo test test-all lint format bench clean
+.PHONY: help setup demo test test-all test-gguf lint format bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,10 @@ test: setup  ## fast test selection (what CI runs)
 
 test-all: setup  ## every test, slow end-to-end ones included
 	$(PY) -m pytest -q -m "slow or not slow"
+
+test-gguf: setup  ## install llama-cpp-python (compiles ~6 min) and run the export tests with the llama.cpp checks
+	$(PY) -m pip install "llama-cpp-python>=0.3.9"
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_export.py
 
 lint:  ## ruff lint + format check
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
