@@ -1,7 +1,7 @@
 """recipe=distill: a frozen teacher LM teaches the student GLM decoder.
 
-Reads top to bottom: tokenizer + vocab preflight → data → teacher → student → task →
-fit (resumable) → save the student as a plain HF directory → summary.
+Reads top to bottom: tokenizer + vocab preflight → data → teacher → student (+ QAT fake-quant) →
+task → fit (resumable) → save the student as a plain HF directory (+ its int8 form) → summary.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
@@ -20,9 +20,11 @@ from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, ca
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.model.decoder import build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
+from autoglm_train.quant.callback import QATStartCallback
 from autoglm_train.tasks.distill_task import DistillTask
+from autoglm_train.tasks.sharding import gathered_student
 from autoglm_train.tasks.summary import write_summary
-from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir
+from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format
 from autoglm_train.utils.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,10 @@ def run(cfg: DictConfig) -> dict:
     """Distill ``cfg.teacher`` into a fresh ``cfg.model`` student; returns the run summary."""
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    trainer = build_trainer(cfg)  # checks precision/hardware before anything heavy
+    quant = cfg.get("quant") or {}
+    qat = instantiate(quant.qat) if quant.get("qat") else None  # int8 switches checked before anything heavy
+    ptq = instantiate(quant.ptq) if quant.get("ptq") else None
+    trainer = build_trainer(cfg, [QATStartCallback(qat.start_step)] if qat else None)  # checks precision/hardware
 
     # 1. Tokenizer and vocabulary preflight (cheap; fails before the teacher is loaded).
     teacher_spec = instantiate(cfg.teacher)
@@ -56,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
         data.setup("fit")
         cache_dir = cache_dir_for(
             Path(cfg.paths.cache_dir) / "teacher_topk",
-            cfg.teacher.path,
+            cfg.teacher.path + ("#int8" if teacher_spec.load_in_8bit else ""),  # int8 teacher: its own top-k
             f"{data.data.cache_path.name}:{len(data.data.train)}",
             cache_spec.k,
             plan.kd_vocab_size,
@@ -73,6 +78,12 @@ def run(cfg: DictConfig) -> dict:
         plan.kd_vocab_size,
     )
 
+    # 4b. QAT: the student trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
+    if qat:
+        from autoglm_train.quant.qat import prepare_qat
+
+        prepare_qat(student, qat)
+
     # 5. Task and fit; resumes from the newest complete checkpoint when asked.
     task = DistillTask(
         student,
@@ -82,22 +93,40 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         plan.kd_vocab_size,
     )
-    ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg))
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg), formats={checkpoint_format(trainer)})
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
     val = trainer.validate(task, datamodule=data, verbose=False)[0] if trainer.limit_val_batches else {}
+    if qat:
+        from autoglm_train.quant.qat import convert_qat
 
-    # 6. The student as a plain HF directory, plus greedy samples to eyeball.
-    student_dir = save_hf_decoder(student, tokenizer, out_dir / "student")
-    samples = _samples(student, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens))
+        convert_qat(student)  # back to plain float modules: the weights that learned to survive int8
+
+    # 6. The student as a plain HF directory, plus greedy samples to eyeball: written by global rank 0
+    #    (ZeRO-3 / FSDP gather the shards first; every rank takes part in that).
+    final = gathered_student(trainer, student)
+    if final is None:
+        return {"recipe": "distill", "global_rank": trainer.global_rank}
+    student_dir = save_hf_decoder(final, tokenizer, out_dir / "student")
+    samples = _samples(final, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens))
+
+    # 7. The int8 serving form (PTQ of the trained student), scored against it on held-out batches.
+    int8 = {}
+    if ptq:
+        from autoglm_train.quant.int8_form import int8_form
+
+        final.cpu()
+        int8 = int8_form(final, ptq, data.val_dataloader(), plan.kd_vocab_size, out_dir / "student_int8", tokenizer)
     summary = {
         "recipe": "distill",
         "student_dir": str(student_dir),
-        "student_params": count_parameters(student),
+        "student_params": count_parameters(final),
         "teacher": cfg.teacher.path,
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
         "data": {**data.stats, "skipped_rows": data.report.to_dict()},
         **{k: float(v) for k, v in val.items()},
+        "quant": OmegaConf.to_container(quant, resolve=True) if quant else None,
+        **int8,
         "samples": samples,
     }
     write_summary(out_dir / "run_summary.json", summary)

@@ -79,6 +79,9 @@ def test_distill_run_writes_a_loadable_student_and_metrics(tmp_path):
     keys = load_file(str(ckpts[-1] / "tensors.safetensors")).keys()
     assert keys and not any("teacher" in k for k in keys)
     assert json.loads((out / "run_summary.json").read_text())["student_params"] == summary["student_params"]
+    header = next((out / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+    for metric in ("train/loss", "train/kd_loss", "val/loss", "val/ppl", "val/teacher_top1_agreement"):
+        assert metric in header, metric
 
 
 def _train_subprocess(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
@@ -153,6 +156,8 @@ def test_distill_from_offline_teacher_topk_cache(tmp_path, caplog):
         "recipe.teacher_cache.enabled=true",
         "recipe.teacher_cache.k=8",
         "recipe.teacher_cache.shard_blocks=16",
+        "logger=wandb",
+        "logger.mode=offline",
     ]
     with caplog.at_level(logging.INFO):
         summary = run(_compose(overrides))
@@ -160,3 +165,4 @@ def test_distill_from_offline_teacher_topk_cache(tmp_path, caplog):
     assert "teacher top-k cache: shard 1/" in caplog.text
     assert list((tmp_path / "cache" / "teacher_topk").glob("topk-k8-*/meta.json"))
     assert 0.0 <= summary["val/teacher_top1_agreement"] <= 1.0
+    assert list((tmp_path / "outputs" / "t" / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B got the run

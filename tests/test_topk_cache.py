@@ -78,8 +78,9 @@ def test_distilling_from_the_cache_lowers_the_kd_loss(tmp_path):
     topk = (torch.as_tensor(cache[:]["topk_logprobs"]).float(), torch.as_tensor(cache[:]["topk_ids"]).long())
     values = []
     for _ in range(30):
-        out = loss(student.model(input_ids=ids).last_hidden_state, student.lm_head, labels, teacher_topk=topk,
-                   vocab_size=VOCAB)
+        out = loss(
+            student.model(input_ids=ids).last_hidden_state, student.lm_head, labels, teacher_topk=topk, vocab_size=VOCAB
+        )
         opt.zero_grad()
         out.loss.backward()
         opt.step()

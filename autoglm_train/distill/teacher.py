@@ -83,6 +83,7 @@ def load_teacher(spec: TeacherSpec) -> nn.Module:
     kwargs: dict = {"dtype": DTYPES[spec.dtype], "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if spec.load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["config"] = _float_config(source, spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -98,6 +99,22 @@ def load_teacher(spec: TeacherSpec) -> nn.Module:
         ", int8 weights" if spec.load_in_8bit else "",
     )
     return model
+
+
+def _float_config(source: str, spec: TeacherSpec):
+    """The teacher's config without the ``gguf`` quantization_config a GGUF conversion leaves behind.
+
+    The cached conversion holds plain float weights, but its config.json still names GgufConfig, and
+    transformers refuses to merge that with a BitsAndBytesConfig (``load_in_8bit``).
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(method).lower().endswith("gguf"):
+        del config.quantization_config
+    return config
 
 
 def _model_dir(spec: TeacherSpec) -> str:

@@ -125,6 +125,15 @@ class ModalityPlugin(nn.Module, ABC):
         out[row_mask] = blended.reshape(-1, blended.shape[-1])
         return out, gate.view(-1)
 
+    def unpad(self, item: torch.Tensor) -> torch.Tensor:
+        """One preprocessed item without trailing padding; a batch zero-pads its items back along dim 0.
+
+        The default keeps the item whole. A plugin whose padding is all zeros and masked (so the
+        tokens do not depend on it) returns the shorter item: batches then pay for their longest
+        item, not for the longest one the plugin accepts.
+        """
+        return item
+
     def set_trainable(self, **flags: bool) -> None:
         """Per-component trainable flags, e.g. ``set_trainable(encoder=False, projector=True, gate=True)``."""
         for component, trainable in flags.items():

@@ -138,6 +138,15 @@ class SpeechPlugin(ModalityPlugin):
         valid = out["attention_mask"].to(features.dtype).unsqueeze(-1)
         return torch.cat([features, valid], dim=-1)
 
+    def unpad(self, item: torch.Tensor) -> torch.Tensor:
+        """``[T, num_mel_bins + 1]`` → the frames up to the last valid one.
+
+        Padding frames are all zeros (features and validity) and masked in ``encode``, so the
+        clip zero-padded back to any length gives the same tokens.
+        """
+        valid = (item[:, -1] > 0.5).nonzero()
+        return item[: int(valid.max()) + 1] if valid.numel() else item[:1]
+
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """``[B, T, num_mel_bins + 1]`` → ``[B, num_tokens, encoder_dim]``."""
         features, valid = inputs[..., :-1], inputs[..., -1] > 0.5

@@ -1,0 +1,238 @@
+"""Your own media → text pairs: any table ``datasets`` reads, with a media column and a text column.
+
+A table is a .jsonl/.json/.csv/.parquet file, a directory of them, a ``save_to_disk`` directory
+or a Hub dataset name. Media cells are file paths (relative to the table's directory), datasets
+``Image``/``Audio`` cells, or bytes. Unreadable, corrupt or empty media and empty texts are skipped
+and counted; audio at another sampling rate is resampled and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import wave
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoglm_train.data.multimodal.pairs import Pair
+from autoglm_train.data.multimodal.report import SkipReport
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus"}
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DEFAULT_QUESTIONS = {"image": "Describe the image.", "audio": "Transcribe the audio."}
+
+
+class LocalPairs:
+    """Pairs from a table of (media, text) rows.
+
+    Args:
+        path: table file, directory of tables, ``save_to_disk`` directory, or Hub dataset name.
+        modality: ``image`` or ``audio``.
+        media_column: column holding the image/audio (path, datasets cell or bytes).
+        text_column: column holding the answer text (caption, transcript, ...).
+        question_column: optional per-row question; else ``question`` is used for every row.
+        question: the question after the media; None = "Describe the image." / "Transcribe the audio.".
+        label_column: optional digit-word label scored by digit accuracy.
+        split: the split to read from a Hub dataset or a ``DatasetDict``.
+        sampling_rate: audio is resampled to this rate (the plugin's).
+        max_items: read at most this many rows.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        modality: str = "image",
+        media_column: str | None = None,
+        text_column: str = "text",
+        question_column: str | None = None,
+        question: str | None = None,
+        label_column: str | None = None,
+        split: str = "train",
+        sampling_rate: int = 16000,
+        max_items: int | None = None,
+    ) -> None:
+        if modality not in DEFAULT_QUESTIONS:
+            raise ValueError(f"data_mm.source.modality={modality!r}; expected image or audio")
+        self.path = str(path)
+        self.modality = modality
+        self.media_column = media_column or modality
+        self.text_column = text_column
+        self.question_column = question_column
+        self.question = question or DEFAULT_QUESTIONS[modality]
+        self.label_column = label_column
+        self.split = split
+        self.sampling_rate = sampling_rate
+        self.max_items = max_items
+
+    def load(self, report: SkipReport) -> list[Pair]:
+        table, root = self._table()
+        missing = [c for c in (self.media_column, self.text_column, self.question_column, self.label_column)
+                   if c and c not in table.column_names]  # fmt: skip
+        if missing:
+            raise ValueError(f"data_mm.source.path={self.path}: no column(s) {missing}; columns: {table.column_names}")
+        if self.max_items is not None:
+            table = table.select(range(min(self.max_items, len(table))))
+        pairs: list[Pair] = []
+        by_rate: dict[int, list[int]] = defaultdict(list)
+        for index, row in enumerate(table):
+            report.seen += 1
+            where = f"{self.path} row {index}"
+            text = row[self.text_column]
+            if not isinstance(text, str) or not text.strip():
+                report.skip("empty or missing text", where)
+                continue
+            try:
+                if self.modality == "image":
+                    media, rate = read_image(row[self.media_column], root), None
+                else:
+                    media, rate = read_audio(row[self.media_column], root)
+            except MediaError as err:
+                report.skip(err.reason, f"{where}: {err}")
+                continue
+            question = row[self.question_column] if self.question_column else self.question
+            label = row[self.label_column] if self.label_column else None
+            pairs.append(Pair(media, str(question), text.strip(), label, where))
+            if rate is not None and rate != self.sampling_rate:
+                by_rate[rate].append(len(pairs) - 1)
+        self._resample(pairs, by_rate, report)
+        return pairs
+
+    def _table(self):
+        """``(datasets.Dataset, directory that relative media paths start from)``."""
+        import datasets
+
+        path = Path(self.path).expanduser()
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            table = datasets.load_from_disk(str(path))
+            return (table[self.split] if isinstance(table, datasets.DatasetDict) else table), path
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES)
+            if not files:
+                raise FileNotFoundError(f"data_mm.source.path={path}: no {sorted(TABLE_SUFFIXES)} files")
+            builders = {TABLE_SUFFIXES[p.suffix] for p in files}
+            if len(builders) > 1:
+                raise ValueError(f"data_mm.source.path={path}: mixes table formats {sorted(builders)}")
+            return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train"), path
+        if path.is_file():
+            if path.suffix not in TABLE_SUFFIXES:
+                raise ValueError(f"data_mm.source.path={path}: expected one of {sorted(TABLE_SUFFIXES)}")
+            return datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train"), path.parent
+        if path.is_absolute() or path.suffix:
+            raise FileNotFoundError(f"data_mm.source.path={path}: no such file or directory")
+        return datasets.load_dataset(self.path, split=self.split), Path.cwd()  # a Hub dataset (needs network)
+
+    def _resample(self, pairs: list[Pair], by_rate: dict[int, list[int]], report: SkipReport) -> None:
+        from autoglm_train.data.multimodal.espeak import resample_all
+
+        for rate, indices in by_rate.items():
+            waves = resample_all([pairs[i].media for i in indices], rate, self.sampling_rate, chunk=16)
+            for i, resampled in zip(indices, waves, strict=True):
+                pairs[i].media = resampled
+            report.note(f"resampled {rate} -> {self.sampling_rate} Hz", len(indices))
+
+
+class MediaError(ValueError):
+    """A media cell that cannot be used; ``reason`` is the skip-report category."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def read_image(cell: Any, root: Path):
+    """A decoded PIL image from a path, a datasets ``Image`` cell (PIL or ``{"bytes", "path"}``) or bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if cell is None:
+        raise MediaError("missing media", "no image")
+    if isinstance(cell, Image.Image):
+        return cell
+    source = _source(cell, root, "image")
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now: a truncated file fails here, not in the middle of training
+            return image.copy()
+    except FileNotFoundError as err:
+        raise MediaError("missing media file", str(err)) from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise MediaError("corrupt or unreadable image", str(err)) from err
+
+
+def read_audio(cell: Any, root: Path) -> tuple[np.ndarray, int]:
+    """``(mono float32 waveform, sampling rate)`` from a path, a datasets ``Audio`` cell or bytes.
+
+    WAV (PCM 8/16/24/32-bit) is read with the standard library; other formats need ``soundfile``.
+    """
+    if cell is None:
+        raise MediaError("missing media", "no audio")
+    if isinstance(cell, dict) and cell.get("array") is not None:
+        waveform, rate = np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"])
+    else:
+        source = _source(cell, root, "audio")
+        try:
+            waveform, rate = _read_wav(source)
+        except FileNotFoundError as err:
+            raise MediaError("missing media file", str(err)) from err
+        except (wave.Error, EOFError, ValueError, OSError) as err:
+            waveform, rate = _read_with_soundfile(source, err)
+    if waveform.ndim == 2:
+        waveform = waveform.mean(axis=1)
+    if waveform.size == 0:
+        raise MediaError("empty audio", "0 samples")
+    if not np.isfinite(waveform).all():
+        raise MediaError("corrupt or unreadable audio", "NaN or infinite samples")
+    return waveform.astype(np.float32), rate
+
+
+def _source(cell: Any, root: Path, kind: str):
+    """A path or a byte stream for a media cell."""
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return io.BytesIO(cell["bytes"])
+        cell = cell.get("path")
+    if isinstance(cell, bytes | bytearray):
+        return io.BytesIO(cell)
+    if isinstance(cell, str) and cell:
+        path = Path(cell).expanduser()
+        return path if path.is_absolute() else root / path
+    raise MediaError("missing media", f"no {kind} in cell {type(cell).__name__}")
+
+
+def _read_wav(source) -> tuple[np.ndarray, int]:
+    with wave.open(source if not isinstance(source, Path) else str(source), "rb") as f:
+        width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+        raw = f.readframes(f.getnframes())
+    if width == 3:  # 24-bit: widen to int32 by hand
+        b = np.frombuffer(raw[: len(raw) // 3 * 3], np.uint8).reshape(-1, 3)
+        data = b[:, 0].astype(np.int32) | b[:, 1].astype(np.int32) << 8 | b[:, 2].astype(np.int8).astype(np.int32) << 16
+        scale = float(1 << 23)
+    elif width in (1, 2, 4):
+        dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+        data = np.frombuffer(raw[: len(raw) // width * width], dtype).astype(np.float64)
+        if width == 1:  # 8-bit WAV is unsigned
+            data -= 128
+        scale = float(1 << (8 * width - 1))
+    else:
+        raise wave.Error(f"unsupported sample width {width}")
+    waveform = (np.asarray(data, np.float64) / scale).astype(np.float32)
+    return waveform.reshape(-1, channels) if channels > 1 else waveform, rate
+
+
+def _read_with_soundfile(source, cause: Exception) -> tuple[np.ndarray, int]:
+    try:
+        import soundfile
+    except ImportError:
+        raise MediaError("unreadable audio", f"{cause} (non-PCM-WAV formats need `pip install soundfile`)") from None
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        data, rate = soundfile.read(source, dtype="float32", always_2d=False)
+    except Exception as err:  # soundfile raises its own LibsndfileError, plus RuntimeError on odd files
+        raise MediaError("corrupt or unreadable audio", str(err)) from err
+    return data, int(rate)

@@ -1,0 +1,82 @@
+"""Word/character error rates and digit accuracy, on normalised text; no dependencies.
+
+WER and CER are corpus-level (total edits / total reference units), as jiwer and the ASR
+literature report them, so long references weigh more than short ones.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_WORD_OF = {**{w: w for w in DIGIT_WORDS}, **{str(i): w for i, w in enumerate(DIGIT_WORDS)}}
+_TOKEN = re.compile(r"[a-z0-9']+")
+
+
+def normalize(text: str) -> str:
+    """Lower case, unicode-folded, punctuation dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(_TOKEN.findall(text))
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions all cost 1)."""
+    if len(ref) < len(hyp):
+        ref, hyp = hyp, ref
+    previous = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        current = [i]
+        for j, h in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1]
+
+
+def _error_rate(refs: Sequence[str], hyps: Sequence[str], split) -> float:
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    edits = total = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r, h = split(normalize(ref)), split(normalize(hyp))
+        edits += edit_distance(r, h)
+        total += len(r)
+    if total == 0:
+        raise ValueError("error rate over empty references")
+    return edits / total
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Word error rate: word edits / reference words (can exceed 1 when the output babbles)."""
+    return _error_rate(refs, hyps, str.split)
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Character error rate over normalised text (spaces count as characters)."""
+    return _error_rate(refs, hyps, list)
+
+
+def first_digit(text: str) -> str | None:
+    """The first digit named in ``text`` ("seven" or "7" → "seven"), or None."""
+    for token in normalize(text).split():
+        if token in _WORD_OF:
+            return _WORD_OF[token]
+    return None
+
+
+def digit_accuracy(labels: Sequence[str], hyps: Sequence[str]) -> float:
+    """Fraction of outputs whose first named digit is the label (a digit word)."""
+    if len(labels) != len(hyps) or not labels:
+        raise ValueError(f"need as many outputs as labels (got {len(labels)} labels, {len(hyps)} outputs)")
+    gold = [first_digit(label) for label in labels]
+    if None in gold:
+        raise ValueError(f"label {labels[gold.index(None)]!r} names no digit")
+    return sum(first_digit(h) == g for g, h in zip(gold, hyps, strict=True)) / len(labels)
+
+
+def exact_match(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Fraction of outputs equal to the reference after normalisation."""
+    if len(refs) != len(hyps) or not refs:
+        raise ValueError(f"need as many outputs as references (got {len(refs)} and {len(hyps)})")
+    return sum(normalize(r) == normalize(h) for r, h in zip(refs, hyps, strict=True)) / len(refs)

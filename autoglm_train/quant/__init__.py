@@ -1,0 +1,14 @@
+"""INT8 paths of the pipeline, each a switch in ``conf/quant/``.
+
+- :mod:`.schemes`: the int8 schemes by name, as torchao PTQ configs and matching fake-quant configs.
+- :mod:`.qat`: quantization-aware distillation (fake-quant student, prepare before fit, convert after).
+- :mod:`.callback`: the Lightning callback that switches fake-quant on at ``qat.start_step``.
+- :mod:`.head_fake_quant`: the big vocab head fake-quantized once per forward, not once per loss chunk.
+- :mod:`.ptq`: post-training int8 of a trained student (weight-only or dynamic), in memory.
+- :mod:`.int8_modules`: int8 embedding lookup and the CPU int8 weight-only matmul kernel.
+- :mod:`.int8_dir`: write a PTQ model as the export's ``int8/`` safetensors layout.
+- :mod:`.compare`: perplexity, KL and top-1 agreement of a model against a reference on held-out text.
+- :mod:`.size`: bytes a model's weights take, int8 tensors included.
+
+torchao is an optional dependency (``pip install 'autoglm-train[quant]'``), imported only when used.
+"""
