@@ -213,6 +213,11 @@ def test_zero3_bf16_mixed_saves_the_fp32_master_student(tmp_path, corpus):
     _check_conversion(tmp_path, 4)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 10: recipes/add_modality.py writes the plugin artifact on every rank (no global-zero guard), so a "
+    "rank reads the other's half-written manifest",
+)
 def test_add_modality_ddp_two_processes(tmp_path, student_tok):
     """recipe=add_modality under DDP: the frozen decoder rides along unchanged, checkpoints hold the plugin only."""
     from tests.mm_fixtures import save_micro_decoder
