@@ -17,12 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.spec import require_data
+from autoglm_train.errors import ConfigValueError
 from autoglm_train.eval.generation import evaluate, text_only_tokens
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids, state_digest
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.manifest import load_plugin_artifact, pin_decoder, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import load_plugin
+from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin
 from autoglm_train.model.registry import instantiate_plugin
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.tasks.summary import write_summary
@@ -39,9 +40,9 @@ def run(cfg: DictConfig) -> dict:
     started = time.monotonic()
     rc = cfg.recipe
     if rc.stage not in STAGES:
-        raise ValueError(f"recipe.stage={rc.stage!r}; expected one of {STAGES}")
+        raise ConfigValueError(f"recipe.stage={rc.stage!r}; expected one of {STAGES}")
     if not cfg.get("plugin"):
-        raise ValueError("recipe=add_modality trains a plugin: pass plugin=vision|speech|<yours>")
+        raise ConfigValueError("recipe=add_modality trains a plugin: pass plugin=vision|speech|<yours>")
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg)  # checks precision/hardware before anything heavy
@@ -143,7 +144,7 @@ def _build_plugin(plugin_cfg: DictConfig, hidden_size: int, init_plugin: str | N
     if init_plugin:
         plugin = load_plugin(init_plugin)  # no pin check: re-aligning to another decoder is the point
         if plugin.name != plugin_cfg.name or plugin.hidden_size != hidden_size:
-            raise ValueError(
+            raise PluginMismatchError(
                 f"recipe.init_plugin={init_plugin} holds plugin '{plugin.name}' projecting to {plugin.hidden_size}; "
                 f"this run trains '{plugin_cfg.name}' for a decoder of width {hidden_size}"
             )

@@ -1,4 +1,4 @@
-"""Test-only Lightning callbacks: record each step's loss durably, and die hard at a step."""
+"""Test-only Lightning callbacks: record each step's loss durably; die hard at a step or inside a checkpoint write."""
 
 from __future__ import annotations
 
@@ -32,3 +32,32 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillInCheckpointWrite(L.Callback):
+    """SIGKILL this process inside the checkpoint writer, at ``point`` of the first save at or after ``step``.
+
+    ``point`` is one of :data:`autoglm_train.utils.checkpoint_io.FAULT_POINTS` (``removing`` fires when top-k rotation
+    deletes an old checkpoint, i.e. during a later save). The real writer runs up to that point; no cleanup runs.
+    """
+
+    def __init__(self, step: int, point: str) -> None:
+        from autoglm_train.utils.checkpoint_io import FAULT_POINTS
+
+        if point not in FAULT_POINTS:
+            raise ValueError(f"point={point!r}; expected one of {FAULT_POINTS}")
+        self.step, self.point = step, point
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from autoglm_train.utils.checkpoint_io import set_fault_hook
+
+        def hook(point: str, path) -> None:
+            if point == self.point and trainer.global_step >= self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        set_fault_hook(hook)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        from autoglm_train.utils.checkpoint_io import set_fault_hook
+
+        set_fault_hook(None)

@@ -119,7 +119,7 @@ def test_local_images_skip_and_count_bad_rows(tmp_path):
         "empty or missing text": 1,
         "missing media": 1,
     }
-    with pytest.raises(BadItemError, match="row 1"):
+    with pytest.raises(BadItemError, match=r"pairs\.jsonl:2: .*garbage\.png.*: corrupt or unreadable image"):
         LocalPairs(str(tmp_path / "pairs.jsonl")).load(SkipReport(strict=True))
 
 

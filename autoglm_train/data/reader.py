@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoglm_train.errors import ConfigValueError
+
 log = logging.getLogger(__name__)
 
 BAD_JSON = "bad_json"
@@ -73,6 +75,10 @@ class ReadResult:
     report: ReadReport
 
 
+class DataError(ConfigValueError):
+    """The data cannot be used as configured: a bad row under ``data.strict=true``, or no usable row at all."""
+
+
 class _BadRow(Exception):
     def __init__(self, kind: str, detail: str, line: int | None = None) -> None:
         super().__init__(detail)
@@ -122,7 +128,7 @@ class _Collector:
 
     def skip(self, where: str, bad: _BadRow) -> None:
         if self.strict:
-            raise ValueError(f"{where}: {bad.kind}: {bad.detail} (data.strict=true; set it false to skip bad rows)")
+            raise DataError(f"{where}: {bad.kind}: {bad.detail} (data.strict=true; set it false to skip bad rows)")
         seen = self.report.skipped.get(bad.kind, 0)
         self.report.skipped[bad.kind] = seen + 1
         if seen < self.report.examples_per_kind:
@@ -179,7 +185,7 @@ def _read_jsonl(path: Path, text_field: str, out: _Collector) -> None:
             if not raw.strip():
                 continue  # blank lines (a trailing newline) are layout, not rows
             try:
-                row = json.loads(_decode(raw, number).lstrip("\ufeff"))  # a BOM may open the file
+                row = json.loads(_decode(raw.rstrip(b"\r\n"), number).lstrip("\ufeff"))  # a BOM may open the file
             except _BadRow as bad:
                 out.skip(where, bad)
                 continue
@@ -281,5 +287,5 @@ def _finish(out: _Collector) -> ReadResult:
     report = out.report
     (log.warning if report.skipped else log.info)(report.summary())
     if not out.documents:
-        raise ValueError(f"data.source={report.source!r}: no usable documents ({report.summary()})")
+        raise DataError(f"data.source={report.source!r}: no usable documents ({report.summary()})")
     return ReadResult(out.documents, report)

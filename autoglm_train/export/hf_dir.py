@@ -96,7 +96,7 @@ def load_reference(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """The decoder as training saw it: fp32 ``GlmForCausalLM`` in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True).eval()
 
 
 def write_hf_decoder(src: Path, out: Path, dtype: str, chat_template: str) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def _check_form(
         from transformers import AutoModelForCausalLM
 
         # Exactly what a user without this project runs: no project code, the dtype the config states.
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True)
         return compare(name, f"transformers ({entry['dtype']})", TorchRunner(model), ref, table[f"hf:{entry['dtype']}"])
     if name == "int8":
         from autoglm_train.export.int8 import load_int8

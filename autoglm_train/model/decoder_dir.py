@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autoglm_train.errors import ConfigPathError, ConfigValueError
 from autoglm_train.model.decoder import MODALITY_TOKENS
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,16 @@ def load_decoder_dir(directory: str | Path, dtype: str = "float32", load_in_8bit
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"decoder={directory}: no Hugging Face decoder there (no config.json); make one with "
             "`python train.py recipe=distill` (-> outputs/distill/student) or pass decoder=<dir>"
         )
     if dtype not in DTYPES:
-        raise ValueError(f"decoder dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigValueError(f"decoder dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    decoder = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    decoder = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs)
     decoder.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:

@@ -15,13 +15,14 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.plugin import ModalityPlugin
 
 CONFIG_FILE = "plugin.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class PluginMismatchError(ValueError):
+class PluginMismatchError(ConfigValueError):
     """A plugin artifact trained against a different decoder."""
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from autoglm_train.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PLUGIN_CONF_DIR = CONF_DIR / "plugin"
 NO_PLUGIN = "none"
 
 
-class UnknownPluginError(KeyError):
+class UnknownPluginError(ConfigError, KeyError):
     """A plugin name with no yaml in conf/plugin/."""
 
     def __str__(self) -> str:

@@ -132,7 +132,7 @@ class Engine:
         # device_map loads weights straight onto the GPU(s) (accelerate), never staging a copy in CPU memory
         device_map = None if on_cpu else ("auto" if device == "cuda" and gpus > 1 else device)
         decoder = AutoModelForCausalLM.from_pretrained(
-            str(self.bundle.decoder_dir), dtype=torch_dtype, device_map=device_map
+            str(self.bundle.decoder_dir), dtype=torch_dtype, device_map=device_map, use_safetensors=True
         )
         return decoder.eval(), torch_dtype
 

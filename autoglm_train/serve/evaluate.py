@@ -167,7 +167,7 @@ def agreement_with_hf(student: list[dict[str, Any]], teacher_path: str, texts: l
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    model = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(teacher_path, use_safetensors=True).eval()
     same = total = skipped = 0
     for text, mine in zip(texts, student, strict=True):
         ids = tokenizer(text, return_tensors="pt").input_ids

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from autoglm_train.data.multimodal.datamodule import IGNORE_INDEX
 from autoglm_train.eval.generation import generate_answers, score
 from autoglm_train.model.modular import ModularLM
+from autoglm_train.model.plugin_io import PluginMismatchError
 from autoglm_train.tasks.distill_task import split_lm
 
 log = logging.getLogger(__name__)
@@ -144,14 +145,14 @@ class PluginTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         found = (checkpoint.get("plugin"), checkpoint.get("decoder_id"))
         if found != (self.plugin_name, self.decoder_id):
-            raise ValueError(
+            raise PluginMismatchError(
                 f"checkpoint is for plugin {found[0]!r} on decoder {str(found[1])[:12]}, not plugin "
                 f"{self.plugin_name!r} on decoder {self.decoder_id[:12]}; use another run_name or ckpt_path=null"
             )
         saved, now = checkpoint.get("plugin_config", {}), self._plugin_config()
         changed = {k: (saved.get(k), now.get(k)) for k in sorted({*saved, *now}) if saved.get(k) != now.get(k)}
         if changed:
-            raise ValueError(
+            raise PluginMismatchError(
                 f"checkpoint's plugin differs (checkpoint, now): {changed}; use another run_name or ckpt_path=null"
             )
 

@@ -15,6 +15,8 @@ first; anything Lightning does not know is refused with the list of valid values
 
 from __future__ import annotations
 
+from autoglm_train.errors import ConfigValueError
+
 SUPPORTED = {
     "cpu": {"32", "32-true", "bf16-mixed", "bf16-true", "64", "64-true"},
     "gpu": {"32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64", "64-true"},
@@ -30,7 +32,7 @@ WHY_NOT_CPU = {
 }
 
 
-class PrecisionError(ValueError):
+class PrecisionError(ConfigValueError):
     """A precision that cannot work on the selected accelerator."""
 
 

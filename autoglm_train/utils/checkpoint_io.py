@@ -21,6 +21,9 @@ How Lightning 2.6 drives this plugin (read from ``lightning/pytorch``):
   :func:`autoglm_train.utils.resume.resolve_ckpt_path` instead.
 * ``LightningModule.load_from_checkpoint`` bypasses CheckpointIO and calls ``torch.load``: do not use it on these
   directories; call :meth:`load_checkpoint` and ``load_state_dict(ckpt["state_dict"])``.
+
+Fault injection: :func:`set_fault_hook` installs a callable run at each of :data:`FAULT_POINTS` inside a save or a
+removal. Nothing is installed in real runs; ``tests/faults.py`` uses it to SIGKILL a training run mid-write.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import re
 import shutil
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -54,6 +58,11 @@ FORMAT_VERSION = 1
 # Scratch names next to a checkpoint: `.<name>.tmp-<hex>` (being written), `.<name>.old-<hex>` (previous version moved
 # aside during a replace), `.<name>.del-<hex>` (being removed). Readers ignore all but an orphaned `old`.
 SCRATCH_RE = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|del)-[0-9a-f]{12}$")
+
+FAULT_POINTS = ("tensors_written", "tree_written", "marker_written", "old_moved_aside", "removing")
+"""Where a save can be interrupted: after the tensors, after the tree, after COMPLETE (not yet renamed), between the two
+renames of a replace, and inside a removal (renamed to ``.del-*``, not yet deleted)."""
+_fault_hook: Callable[[str, Path], None] | None = None
 
 _TAG = "__t__"
 # Stored natively by safetensors; any other strided dtype is stored as raw bytes and viewed back.
@@ -270,6 +279,17 @@ class _Decoder:
         return out
 
 
+def set_fault_hook(hook: Callable[[str, Path], None] | None) -> None:
+    """Install ``hook(point, path)``, called at each of :data:`FAULT_POINTS` (None removes it). Tests only."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def _fault_point(point: str, path: Path) -> None:
+    if _fault_hook is not None:
+        _fault_hook(point, path)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -295,6 +315,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     if os.path.lexists(target):
         aside = _scratch_name(target, "old")
         os.replace(target, aside)
+        _fault_point("old_moved_aside", aside)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -390,13 +411,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         tmp.mkdir()
         try:
             save_file(tensors, tmp / TENSORS_FILE, metadata={"format": FORMAT})
+            _fault_point("tensors_written", tmp)
             (tmp / TREE_FILE).write_text(json.dumps(header, allow_nan=False))
+            _fault_point("tree_written", tmp)
             sizes = {name: (tmp / name).stat().st_size for name in (TENSORS_FILE, TREE_FILE)}
             for name in sizes:
                 _fsync(tmp / name)
             (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT, "files": sizes}))
             _fsync(tmp / COMPLETE_FILE)
             _fsync(tmp)
+            _fault_point("marker_written", tmp)
             _swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -430,6 +454,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         elif target.is_dir():
             doomed = _scratch_name(target, "del")
             os.replace(target, doomed)
+            _fault_point("removing", doomed)
             shutil.rmtree(doomed)
         else:
             log.debug("Checkpoint %s already gone", target)

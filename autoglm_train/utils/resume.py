@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Collection
 from pathlib import Path
 
@@ -43,6 +44,30 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
         if looks_like_ckpt:
             found.append(entry)
     return found
+
+
+def remove_interrupted_writes(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what killed saves and removals left behind (``.<name>.tmp-*``, ``.<name>.del-*``); returns them.
+
+    Each is a checkpoint-sized directory that no reader uses, so repeated crashes would otherwise fill the disk. Only
+    called before a run starts writing (nothing can be mid-save then). An orphaned ``.old-*`` stays: it may hold the
+    newest complete state (see :func:`_candidates`).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(ckpt_dir.iterdir()):
+        scratch = SCRATCH_RE.match(entry.name)
+        if scratch and scratch["kind"] in ("tmp", "del"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # another rank may be removing it too
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    if removed:
+        log.warning("Removed %d interrupted checkpoint write(s): %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
 
 
 def find_last_checkpoint(ckpt_dir: str | os.PathLike[str], formats: Collection[str] | None = None) -> Path | None:
@@ -92,6 +117,7 @@ def resolve_ckpt_path(
     if value is None:
         return None
     if str(value) in LAST_ALIASES:
+        remove_interrupted_writes(ckpt_dir)
         last = find_last_checkpoint(ckpt_dir, formats)
         if last is None:
             log.info("ckpt_path=%s: no complete checkpoint in %s; starting fresh", value, ckpt_dir)

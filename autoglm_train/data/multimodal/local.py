@@ -3,7 +3,8 @@
 A table is a .jsonl/.json/.csv/.parquet file, a directory of them, a ``save_to_disk`` directory
 or a Hub dataset name. Media cells are file paths (relative to the table's directory), datasets
 ``Image``/``Audio`` cells, or bytes. Unreadable, corrupt or empty media and empty texts are skipped
-and counted; audio at another sampling rate is resampled and counted.
+and counted; audio at another sampling rate is resampled and counted. Local .jsonl/.csv tables are
+read line by line (:mod:`.table_rows`), so a broken line is skipped and counted too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from autoglm_train.data.multimodal.pairs import Pair
 from autoglm_train.data.multimodal.report import SkipReport
+from autoglm_train.data.multimodal.table_rows import BROKEN, ROW_SUFFIXES, WHERE, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,22 @@ class LocalPairs:
         self.max_items = max_items
 
     def load(self, report: SkipReport) -> list[Pair]:
-        table, root = self._table()
+        table, columns, root = self._table()
         missing = [c for c in (self.media_column, self.text_column, self.question_column, self.label_column)
-                   if c and c not in table.column_names]  # fmt: skip
+                   if c and c not in columns]  # fmt: skip
         if missing:
-            raise ValueError(f"data_mm.source.path={self.path}: no column(s) {missing}; columns: {table.column_names}")
+            raise ValueError(f"data_mm.source.path={self.path}: no column(s) {missing}; columns: {columns}")
         if self.max_items is not None:
-            table = table.select(range(min(self.max_items, len(table))))
+            n = min(self.max_items, len(table))
+            table = table[:n] if isinstance(table, list) else table.select(range(n))
         pairs: list[Pair] = []
         by_rate: dict[int, list[int]] = defaultdict(list)
         for index, row in enumerate(table):
             report.seen += 1
-            where = f"{self.path} row {index}"
+            where = row.get(WHERE) or f"{self.path} row {index}"
+            if row.get(BROKEN):
+                report.skip(row[BROKEN], where)
+                continue
             text = row[self.text_column]
             if not isinstance(text, str) or not text.strip():
                 report.skip("empty or missing text", where)
@@ -104,13 +110,14 @@ class LocalPairs:
         return pairs
 
     def _table(self):
-        """``(datasets.Dataset, directory that relative media paths start from)``."""
+        """``(rows, column names, directory that relative media paths start from)``; rows: a list or a Dataset."""
         import datasets
 
         path = Path(self.path).expanduser()
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
             table = datasets.load_from_disk(str(path))
-            return (table[self.split] if isinstance(table, datasets.DatasetDict) else table), path
+            table = table[self.split] if isinstance(table, datasets.DatasetDict) else table
+            return table, table.column_names, path
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES)
             if not files:
@@ -118,14 +125,21 @@ class LocalPairs:
             builders = {TABLE_SUFFIXES[p.suffix] for p in files}
             if len(builders) > 1:
                 raise ValueError(f"data_mm.source.path={path}: mixes table formats {sorted(builders)}")
-            return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train"), path
-        if path.is_file():
+            root = path
+        elif path.is_file():
             if path.suffix not in TABLE_SUFFIXES:
                 raise ValueError(f"data_mm.source.path={path}: expected one of {sorted(TABLE_SUFFIXES)}")
-            return datasets.load_dataset(TABLE_SUFFIXES[path.suffix], data_files=str(path), split="train"), path.parent
-        if path.is_absolute() or path.suffix:
+            files, root = [path], path.parent
+        elif path.is_absolute() or path.suffix:
             raise FileNotFoundError(f"data_mm.source.path={path}: no such file or directory")
-        return datasets.load_dataset(self.path, split=self.split), Path.cwd()  # a Hub dataset (needs network)
+        else:
+            table = datasets.load_dataset(self.path, split=self.split)  # a Hub dataset (needs network)
+            return table, table.column_names, Path.cwd()
+        if all(p.suffix in ROW_SUFFIXES for p in files):
+            return (*read_rows(files), root)
+        builder = TABLE_SUFFIXES[files[0].suffix]
+        table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        return table, table.column_names, root
 
     def _resample(self, pairs: list[Pair], by_rate: dict[int, list[int]], report: SkipReport) -> None:
         from autoglm_train.data.multimodal.espeak import resample_all

@@ -7,12 +7,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoglm_train.errors import ConfigValueError
+
 log = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 3
 
 
-class BadItemError(ValueError):
+class BadItemError(ConfigValueError):
     """A bad item in ``strict`` mode."""
 
 
