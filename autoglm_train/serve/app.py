@@ -47,6 +47,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        worker.start()
         yield
         worker.shutdown()
 

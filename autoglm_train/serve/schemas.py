@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 KNOWN_PART_TYPES = ("text", "image_url", "input_audio")
 
@@ -81,7 +81,35 @@ class StreamOptions(_Model):
 _Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 _TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+_Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed takes (a 64-bit value)
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+def _invalid_unicode_at(value: Any, path: str = "") -> str | None:
+    """Where the first string (or key) that is not valid Unicode sits, e.g. ``messages[0].content``; else None.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``): Python decodes it into a ``str`` that no tokenizer or
+    UTF-8 encoder accepts, so it is refused here, before it can reach either.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _invalid_unicode_at(key) is not None:
+                return f"{path or 'body'} (a key)"
+            found = _invalid_unicode_at(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _invalid_unicode_at(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 class _Sampling(_Model):
@@ -92,12 +120,20 @@ class _Sampling(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: _Seed | None = None
     presence_penalty: _Penalty = 0.0
     frequency_penalty: _Penalty = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _invalid_unicode_at(data)
+        if where is not None:  # the message never repeats the bad text: it could not be encoded into the reply
+            raise ValueError(f"{where} is not valid Unicode (a lone surrogate escape such as \\ud800)")
+        return data
 
 
 class ChatCompletionRequest(_Sampling):

@@ -26,6 +26,19 @@ log = logging.getLogger(__name__)
 PROTECTED_PREFIX = "/v1"
 
 
+def is_protected(scope: Scope) -> bool:
+    """Whether the request is for a ``/v1`` path, as the router will see it.
+
+    The router matches the path without the ``root_path`` (an app mounted under ``/api``, or served behind a proxy
+    with ``--root-path``, sees ``/api/v1/models``); checking the raw path alone would leave every route open there.
+    """
+    path, root = scope["path"], scope.get("root_path", "")
+    paths = {path}
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        paths.add(path[len(root) :])
+    return any(p == PROTECTED_PREFIX or p.startswith(PROTECTED_PREFIX + "/") for p in paths)
+
+
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` mid-upload. An ``HTTPException`` so that FastAPI's body reader passes it
     through as a 413 instead of wrapping it into a generic 400."""
@@ -104,7 +117,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if scope["path"] == PROTECTED_PREFIX or scope["path"].startswith(PROTECTED_PREFIX + "/"):
+        if is_protected(scope):
             identity = self._identity(scope, headers)
             if identity is None:
                 # failed attempts are rate limited per client address too, so keys cannot be guessed at line speed

@@ -30,11 +30,20 @@ class Worker:
     """
 
     def __init__(self, max_workers: int, on_cancel: Callable[[], None] | None = None) -> None:
+        self.max_workers = max_workers
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self.on_cancel = on_cancel
+        self._closed = False
+
+    def start(self) -> None:
+        """A fresh pool after :meth:`shutdown`: an app can be started again (test clients, embedding servers)."""
+        if self._closed:
+            self.executor = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="generate")
+            self._closed = False
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
 
     async def iterate(
         self,
