@@ -96,14 +96,16 @@ class DistillTask(L.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]):
         student_hidden = self._hidden(self.student, batch)
-        teacher_hidden = self._teacher_hidden(batch)
+        cached = cached_teacher_topk(batch)
+        teacher_hidden = self._teacher_hidden(batch) if cached is None else None  # cached: the teacher never runs
         return (
             self.loss(
                 student_hidden,
                 split_lm(self.student)[1],
                 batch["labels"],
                 teacher_hidden=teacher_hidden,
-                teacher_head=split_lm(self.teacher)[1] if self.teacher is not None else None,
+                teacher_head=split_lm(self.teacher)[1] if teacher_hidden is not None else None,
+                teacher_topk=cached,
                 vocab_size=self.kd_vocab_size,
             ),
             student_hidden,
@@ -170,3 +172,10 @@ class DistillTask(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def cached_teacher_topk(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The offline teacher's (log-probs, ids) from a training batch with ``topk_cache`` columns, else None."""
+    if "topk_logprobs" not in batch:
+        return None
+    return batch["topk_logprobs"].float(), batch["topk_ids"].long()
