@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -143,9 +144,20 @@ def test_distill_from_offline_teacher_topk_cache(tmp_path, caplog):
         "logger=wandb",
         "logger.mode=offline",
     ]
-    with caplog.at_level(logging.INFO):
-        summary = run(_compose(overrides))
+    teacher_in_training = []
+
+    def spot_teacher_in_training_step(module, args, output):
+        if type(module).__name__ == "LlamaModel":  # the teacher's backbone (the student is a GLM)
+            teacher_in_training.extend(f.function for f in inspect.stack() if f.function == "training_step")
+
+    hook = torch.nn.modules.module.register_module_forward_hook(spot_teacher_in_training_step)
+    try:
+        with caplog.at_level(logging.INFO):
+            summary = run(_compose(overrides))
+    finally:
+        hook.remove()
     assert summary["global_step"] == 3
+    assert teacher_in_training == []  # training read the cache; the teacher ran for the cache and validation only
     assert "teacher top-k cache: shard 1/" in caplog.text
     assert list((tmp_path / "cache" / "teacher_topk").glob("topk-k8-*/meta.json"))
     assert 0.0 <= summary["val/teacher_top1_agreement"] <= 1.0
