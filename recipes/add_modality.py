@@ -26,6 +26,7 @@ from autoglm_train.model.modular import ModularLM
 from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin
 from autoglm_train.model.registry import instantiate_plugin
 from autoglm_train.tasks.plugin_task import PluginTask
+from autoglm_train.tasks.sharding import gathered_module
 from autoglm_train.tasks.summary import write_summary
 from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir
 from autoglm_train.utils.resume import resolve_ckpt_path
@@ -85,7 +86,11 @@ def run(cfg: DictConfig) -> dict:
     if decoder_before is not None and state_digest(decoder) != decoder_before:
         raise RuntimeError("the frozen decoder's weights changed during training")
 
-    # 6. The plugin's own artifact: plugin.json + model.safetensors + manifest.json pinning the decoder.
+    # 6. The plugin's own artifact: plugin.json + model.safetensors + manifest.json pinning the decoder, written
+    #    by global rank 0 only (ZeRO-3 / FSDP gather the plugin's shards first; every rank takes part in that).
+    plugin = gathered_module(trainer, plugin, lambda state: _rebuilt(plugin, state))
+    if plugin is None:
+        return {"recipe": "add_modality", "plugin": cfg.plugin.name, "global_rank": trainer.global_rank}
     artifact = save_plugin_artifact(
         plugin,
         out_dir / "plugins" / plugin.name,
@@ -152,3 +157,11 @@ def _build_plugin(plugin_cfg: DictConfig, hidden_size: int, init_plugin: str | N
         return plugin
     plugin_cfg = OmegaConf.merge(plugin_cfg, {"hidden_size": hidden_size})  # the decoder decides the width
     return instantiate_plugin(plugin_cfg)
+
+
+def _rebuilt(plugin, state: dict) -> object:
+    """A fresh plugin of ``plugin``'s config holding ``state``: the whole plugin gathered from its shards."""
+    target = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+    fresh = instantiate_plugin({"_target_": target, **plugin.config()})
+    fresh.load_state_dict(state)
+    return fresh

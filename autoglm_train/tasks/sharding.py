@@ -110,19 +110,23 @@ def gather_full_state_dict(trainer: Any, module: nn.Module) -> dict[str, torch.T
     return state if trainer.is_global_zero else None
 
 
-def gathered_student(trainer: Any, student: nn.Module) -> nn.Module | None:
-    """The trained student as a plain, unsharded fp32-exact module on global rank 0 (None elsewhere).
+def gathered_module(trainer: Any, module: nn.Module, rebuild: Callable[[dict[str, torch.Tensor]], nn.Module]):
+    """The trained ``module`` as a plain, unsharded fp32-exact module on global rank 0 (None elsewhere).
 
-    All ranks must call it. One device / DDP hand back ``student`` itself (no copy); DeepSpeed and FSDP2 a fresh
-    module of the same config holding the gathered weights (DeepSpeed: its fp32 masters, see above).
+    All ranks must call it. One device / DDP hand back ``module`` itself (no copy); DeepSpeed and FSDP2 call
+    ``rebuild`` with the gathered weights (DeepSpeed: its fp32 masters, see above) for a fresh module of the same
+    config, since the trained one only holds this rank's shards.
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    if not (is_fsdp2(student) or isinstance(trainer.strategy, DeepSpeedStrategy)):
-        return student if trainer.is_global_zero else None
-    state = gather_full_state_dict(trainer, student)
-    if state is None:
-        return None
+    if not (is_fsdp2(module) or isinstance(trainer.strategy, DeepSpeedStrategy)):
+        return module if trainer.is_global_zero else None
+    state = gather_full_state_dict(trainer, module)
+    return None if state is None else rebuild(state)
+
+
+def gathered_student(trainer: Any, student: nn.Module) -> nn.Module | None:
+    """:func:`gathered_module` for a transformers student, rebuilt from its config."""
     from autoglm_train.utils.sharded_checkpoint import student_from_state_dict
 
-    return student_from_state_dict(student.config, state)
+    return gathered_module(trainer, student, lambda state: student_from_state_dict(student.config, state))
