@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,6 +185,7 @@ def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threa
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")
     log_path = root / f"run-{time.monotonic_ns()}.log"
+    earlier = len(read_losses(losses))  # an external kill waits for a step recorded by this run, not a previous one
     start = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -200,7 +202,7 @@ def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threa
                 proc.wait()
                 raise TimeoutError(f"train.py ran over {timeout:.0f} s; log: {log_path}")
             if fault is not None and fault.kind == "external":
-                done = [s for s, _ in read_losses(losses)]
+                done = [s for s, _ in read_losses(losses)[earlier:]]
                 if killed_at is None and done and done[-1] >= fault.step:
                     killed_at = time.monotonic() + fault.delay
                 if killed_at is not None and time.monotonic() >= killed_at:
@@ -209,17 +211,26 @@ def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threa
     return proc.returncode, log_path.read_text(), time.monotonic() - start
 
 
-def plan_fault(rng: random.Random, resumed: int, shape: Shape, kinds: list[str]) -> Fault:
-    """A fault that fires in a run resuming after step ``resumed`` (so every kill costs progress, never loops)."""
+def plan_fault(rng: random.Random, resumed: int, shape: Shape, kinds: list[str], used: Counter) -> Fault:
+    """A fault that fires in a run resuming after step ``resumed`` (so every kill costs progress, never loops).
+
+    Checkpoint-writer points are taken least-used first (``used`` counts them across trials), so a handful of kills
+    covers every point; the step and the rest are random.
+    """
     ckpt_steps = [s for s in range(shape.every, shape.steps + 1, shape.every) if s > resumed]
     choices = [k for k in kinds if k != "ckpt" or ckpt_steps]
     kind = rng.choice(choices or ["step"])
     if kind == "ckpt":
-        step = rng.choice(ckpt_steps)
-        removes = step >= shape.every * (shape.keep + 1)  # top-k rotation deletes an old one during this save
-        point = rng.choice([p for p in CKPT_POINTS if p != "removing" or removes])
-        return Fault("ckpt", step, point)
-    step = rng.randint(resumed + 1, shape.steps - 1)
+        # top-k rotation deletes the oldest kept checkpoint, except the one the run resumed from (Lightning keeps it)
+        window = shape.every * shape.keep
+        removal_steps = [s for s in ckpt_steps if s > window and s - window != resumed]
+        points = [p for p in CKPT_POINTS if p != "removing" or removal_steps]
+        fewest = min(used[p] for p in points)
+        point = rng.choice([p for p in points if used[p] == fewest])
+        used[point] += 1
+        return Fault("ckpt", rng.choice(removal_steps if point == "removing" else ckpt_steps), point)
+    # up to the last step: a kill after it lands in the final validation or the student's save
+    step = rng.randint(min(resumed + 1, shape.steps), shape.steps)
     if kind == "external":
         return Fault("external", step, delay=round(rng.uniform(0.0, 0.8), 2))
     return Fault("step", step)
@@ -243,7 +254,9 @@ def reference_run(work: Path, corpus: Path, shape: Shape, threads: int, timeout:
     return losses, student_weights(root), seconds
 
 
-def run_trial(index: int, args: argparse.Namespace, work: Path, corpus: Path, shape: Shape, ref) -> Trial:
+def run_trial(
+    index: int, args: argparse.Namespace, work: Path, corpus: Path, shape: Shape, ref, used: Counter
+) -> Trial:
     ref_losses, ref_weights = ref
     rng = random.Random(f"{args.seed}-{index}")
     root = work / f"trial{index}"
@@ -254,7 +267,7 @@ def run_trial(index: int, args: argparse.Namespace, work: Path, corpus: Path, sh
     for n in range(args.faults + 1):
         complete, _ = complete_checkpoints(ckpt_dir)
         expected = max(complete, default=0)
-        fault = plan_fault(rng, expected, shape, args.kinds) if n < args.faults else None
+        fault = plan_fault(rng, expected, shape, args.kinds, used) if n < args.faults else None
         seen = len(read_losses(root / "loss.jsonl"))
         rc, out, seconds = run_train(root, corpus, shape, fault, args.threads, args.run_timeout)
         match = RESUME_RE.search(out)
@@ -370,11 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         ref_losses, ref_weights, ref_seconds = reference_run(work, corpus, shape, args.threads, args.run_timeout)
         print(f"reference run: {shape.steps} steps in {ref_seconds:.1f} s", flush=True)
         trials: list[Trial] = []
+        used: Counter = Counter()
         for index in range(args.trials):
             if trials and time.monotonic() - start > args.max_seconds:
                 print(f"--max-seconds {args.max_seconds:g} reached after {len(trials)} trial(s)")
                 break
-            trial = run_trial(index, args, work, corpus, shape, (ref_losses, ref_weights))
+            trial = run_trial(index, args, work, corpus, shape, (ref_losses, ref_weights), used)
             trials.append(trial)
             print(f"trial {index}: {[e.fault for e in trial.events]} problems={trial.problems}", flush=True)
     finally:

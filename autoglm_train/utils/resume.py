@@ -1,7 +1,8 @@
 """Pick the checkpoint a run resumes from: ``None`` (fresh), ``"last"``/``"auto"`` (newest complete one) or a path.
 
 Lightning's own ``fit(ckpt_path="last")`` trusts the newest ``last*.ckpt`` by mtime; this checks completeness,
-orders by the ``global_step`` recorded in the checkpoint, and skips interrupted saves (with a warning). The same
+orders by the ``global_step`` recorded in the checkpoint, and skips interrupted saves (with a warning; ``last`` also
+deletes their scratch directories, :func:`remove_interrupted_writes`). The same
 holds for the sharded DeepSpeed / FSDP2 directories (:mod:`autoglm_train.utils.sharded_checkpoint`); ``formats``
 keeps a run from picking a checkpoint its strategy cannot read (e.g. after switching ``trainer=ddp`` to ZeRO-3).
 """
