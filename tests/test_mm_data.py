@@ -178,6 +178,20 @@ def test_batches_target_only_answer_tokens(vision_data, student_tok):
     assert bool(batch["prompt_mask"][:, -1].all())  # left-padded: every prompt ends at the last column
 
 
+def test_train_loader_resumes_mid_epoch_at_the_next_batch(vision_data):
+    """A checkpoint's loader state restores the data position: the resumed loader yields the batch that was next."""
+    first = vision_data.train_dataloader()
+    stream = iter(first)
+    next(stream), next(stream)
+    state = first.state_dict()
+    expected = next(stream)
+    resumed = vision_data.train_dataloader()
+    resumed.load_state_dict(state)
+    got = next(iter(resumed))
+    assert state["batches_done"] == 2 and got["answers"] == expected["answers"]
+    assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(got["media"], expected["media"])
+
+
 def test_left_pad():
     ids, mask = left_pad([[1, 2, 3], [4]], pad=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

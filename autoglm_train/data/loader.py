@@ -22,7 +22,7 @@ when Lightning's ``limit_train_batches`` cuts it short) makes the next ``iter()`
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,20 +35,23 @@ log = logging.getLogger(__name__)
 class _BatchTable(Dataset):
     """Map-style view whose item ``i`` is the whole batch ``batches[i]`` (one Arrow read per batch)."""
 
-    def __init__(self, dataset: Any, batches: Sequence[list[int]]) -> None:
+    def __init__(self, dataset: Any, batches: Sequence[list[int]], collate_fn: Callable | None = None) -> None:
         self.dataset = dataset
         self.batches = batches
+        self.collate_fn = collate_fn
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return fetch_batch(self.dataset, self.batches[i])
+        return fetch_batch(self.dataset, self.batches[i], self.collate_fn)
 
 
-def fetch_batch(dataset: Any, indices: list[int]) -> dict[str, torch.Tensor]:
-    """Rows ``indices`` as a dict of tensors: integer columns int64, float columns float32 (HF datasets in numpy
-    format; else ``default_collate``)."""
+def fetch_batch(dataset: Any, indices: list[int], collate_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Rows ``indices`` as a dict of tensors: ``collate_fn`` over the rows when given; else integer columns int64,
+    float columns float32 (HF datasets in numpy format; else ``default_collate``)."""
+    if collate_fn is not None:
+        return collate_fn([dataset[i] for i in indices])
     if hasattr(dataset, "with_format"):
         rows = dataset[indices]
         return {k: torch.from_numpy(_as_batch_array(v)) for k, v in rows.items()}
@@ -74,6 +77,7 @@ class ResumableLoader:
         world_size: number of ranks sharing the data.
         epoch_batches: batches after which a pass counts as finished (Lightning's ``limit_train_batches``).
         pin_memory: pin batches for faster host-to-GPU copies.
+        collate_fn: rows → batch, for datasets whose rows are not plain columns (e.g. image/audio pairs).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class ResumableLoader:
         world_size: int = 1,
         epoch_batches: int | None = None,
         pin_memory: bool = False,
+        collate_fn: Callable | None = None,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader shape: batch_size={batch_size}, rank={rank}, world_size={world_size}")
@@ -102,6 +107,7 @@ class ResumableLoader:
         self.world_size = world_size
         self.epoch_batches = epoch_batches
         self.pin_memory = pin_memory
+        self.collate_fn = collate_fn
         self._epoch = 0
         self._pos = 0  # batches of the current pass already handed out
         self._continue = True  # next iter() continues (epoch, pos) instead of starting the next epoch
@@ -146,10 +152,10 @@ class ResumableLoader:
     def _run(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         batches = self.batch_indices(epoch)[start : self._pass_len()]
         if self.num_workers == 0:
-            source: Any = (fetch_batch(self.dataset, b) for b in batches)
+            source: Any = (fetch_batch(self.dataset, b, self.collate_fn) for b in batches)
         else:
             source = DataLoader(
-                _BatchTable(self.dataset, batches),
+                _BatchTable(self.dataset, batches, self.collate_fn),
                 batch_size=None,  # items are already batches
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,

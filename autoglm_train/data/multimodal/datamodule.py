@@ -23,6 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from autoglm_train.data.loader import ResumableLoader
 from autoglm_train.data.multimodal.pairs import Pair
 from autoglm_train.data.multimodal.report import SkipReport
 from autoglm_train.data.multimodal.spec import PairDataSpec
@@ -125,15 +126,18 @@ class PairDataModule(L.LightningDataModule):
         )
 
     # --- loaders -----------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.spec.seed)
-        return DataLoader(
+    def train_dataloader(self) -> ResumableLoader:
+        """Seeded, sharded over ranks, and resumable mid-epoch (its position is saved with every checkpoint)."""
+        trainer = self.trainer
+        return ResumableLoader(
             self.splits["train"],
-            batch_size=self.spec.batch_size,
+            self.spec.batch_size,
             shuffle=True,
+            seed=self.spec.seed,
             drop_last=len(self.splits["train"]) > self.spec.batch_size,
-            generator=generator,
             collate_fn=self.collate,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
         )
 
     def val_dataloader(self) -> DataLoader:
