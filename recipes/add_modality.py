@@ -83,14 +83,16 @@ def run(cfg: DictConfig) -> dict:
     decoder_before = state_digest(decoder) if rc.verify_frozen else None
     ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg))
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
+
+    # 6. Plugin and decoder whole again on global rank 0 (ZeRO-3 / FSDP gather their shards first; every rank takes
+    #    part in that), which alone checks the decoder is unchanged and writes the plugin's own artifact:
+    #    plugin.json + model.safetensors + manifest.json pinning the decoder.
+    plugin = gathered_module(trainer, plugin, lambda state: _rebuilt(plugin, state))
+    decoder = gathered_module(trainer, decoder, lambda state: _reloaded(cfg.decoder, rc, state))
+    if plugin is None or decoder is None:
+        return {"recipe": "add_modality", "plugin": cfg.plugin.name, "global_rank": trainer.global_rank}
     if decoder_before is not None and state_digest(decoder) != decoder_before:
         raise RuntimeError("the frozen decoder's weights changed during training")
-
-    # 6. The plugin's own artifact: plugin.json + model.safetensors + manifest.json pinning the decoder, written
-    #    by global rank 0 only (ZeRO-3 / FSDP gather the plugin's shards first; every rank takes part in that).
-    plugin = gathered_module(trainer, plugin, lambda state: _rebuilt(plugin, state))
-    if plugin is None:
-        return {"recipe": "add_modality", "plugin": cfg.plugin.name, "global_rank": trainer.global_rank}
     artifact = save_plugin_artifact(
         plugin,
         out_dir / "plugins" / plugin.name,
@@ -165,3 +167,10 @@ def _rebuilt(plugin, state: dict) -> object:
     fresh = instantiate_plugin({"_target_": target, **plugin.config()})
     fresh.load_state_dict(state)
     return fresh
+
+
+def _reloaded(directory: str, rc: DictConfig, state: dict) -> object:
+    """The decoder from ``directory`` holding ``state`` (gathered from its shards): checked, then evaluated with."""
+    decoder, _ = load_decoder_dir(directory, rc.decoder_dtype, rc.decoder_int8)
+    decoder.load_state_dict(state, strict=False)  # a consolidated state may leave tied weights out
+    return decoder

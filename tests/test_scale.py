@@ -213,15 +213,24 @@ def test_zero3_bf16_mixed_saves_the_fp32_master_student(tmp_path, corpus):
     _check_conversion(tmp_path, 4)
 
 
-def test_add_modality_ddp_two_processes(tmp_path, student_tok):
-    """recipe=add_modality under DDP: the frozen decoder rides along unchanged, checkpoints hold the plugin only."""
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        "ddp",
+        pytest.param("deepspeed_zero2", marks=[needs_deepspeed, pytest.mark.slow]),
+        pytest.param("deepspeed_zero3", marks=[needs_deepspeed, pytest.mark.slow]),
+    ],
+)
+def test_add_modality_two_processes(trainer, tmp_path, student_tok):
+    """recipe=add_modality on 2 ranks: the frozen decoder rides along unchanged, rank 0 alone writes the plugin."""
     from tests.mm_fixtures import save_micro_decoder
     from tests.test_add_modality import DIGITS, TINY_RUN, TINY_VISION
 
     decoder = save_micro_decoder(tmp_path / "decoder", student_tok)
     before = load_file(str(decoder / "model.safetensors"))
     overrides = ["recipe=add_modality", f"paths.root_dir={tmp_path}", f"paths.cache_dir={CACHE}", f"decoder={decoder}"]
-    overrides += [*TINY_VISION, *DIGITS, *TINY_RUN, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    overrides += [*TINY_VISION, *DIGITS, *TINY_RUN, f"trainer={trainer}", "trainer.accelerator=cpu"]
+    overrides += ["trainer.devices=2"]
     result = subprocess.run(
         [sys.executable, "train.py", *overrides, "trainer.precision=32"],
         cwd=REPO,
@@ -232,11 +241,14 @@ def test_add_modality_ddp_two_processes(tmp_path, student_tok):
     _check_ran(result)
     out = tmp_path / "outputs" / "add_modality" / "vision"
     assert (out / "plugins" / "vision" / "model.safetensors").is_file()
-    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 3
-    from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["text_only_unchanged"]
+    if trainer == "ddp":
+        from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
 
-    keys = list(SafetensorsCheckpointIO().load_checkpoint(out / "checkpoints" / "step=000002.ckpt")["state_dict"])
-    assert keys and all(k.startswith("model.plugins.vision.") for k in keys), sorted(keys)[:5]
+        ckpt = SafetensorsCheckpointIO().load_checkpoint(out / "checkpoints" / "step=000002.ckpt")
+        keys = list(ckpt["state_dict"])
+        assert keys and all(k.startswith("model.plugins.vision.") for k in keys), sorted(keys)[:5]
     _assert_same(load_file(str(decoder / "model.safetensors")), before, atol=0.0)
 
 

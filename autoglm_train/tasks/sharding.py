@@ -65,23 +65,26 @@ def module_prefix(root: nn.Module, module: nn.Module) -> str:
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}")
 
 
-def _deepspeed_fp32_masters(trainer: Any, module: nn.Module) -> dict[str, torch.Tensor] | None:
+def _deepspeed_fp32_masters(trainer: Any, module: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]] | None:
     """The optimizer's fp32 master copy of ``module``'s weights (collective), or None without a ZeRO optimizer.
 
     Under ``bf16-mixed``/``16-mixed`` DeepSpeed trains 16-bit module weights from fp32 masters; these are what a
     checkpoint holds and what ``zero_to_fp32`` restores, so the saved student equals a converted checkpoint.
+    Returns ``(state, frozen)``: frozen parameters have no master and are named in ``frozen`` instead.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
     params = list(module.named_parameters())  # tied weights once; the same order on every rank
     if not all(getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping") for _, p in params):
         return None
-    state = {}
+    state, frozen = {}, []
     for name, p in params:
-        full = safe_get_full_fp32_param(p)  # every rank takes part (ZeRO-3 all-gather / ZeRO-2 all-reduce)
-        if trainer.is_global_zero:
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None  # every rank takes part (collective)
+        if full is None:
+            frozen.append(name)
+        elif trainer.is_global_zero:
             state[name] = full.detach().to("cpu", torch.float32, copy=True)
-    return state
+    return state, frozen
 
 
 def gather_full_state_dict(trainer: Any, module: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -100,11 +103,16 @@ def gather_full_state_dict(trainer: Any, module: nn.Module) -> dict[str, torch.T
 
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     elif isinstance(strategy, DeepSpeedStrategy):
-        state = _deepspeed_fp32_masters(trainer, module)
-        if state is None and strategy.zero_stage_3:
+        masters = _deepspeed_fp32_masters(trainer, module)
+        state, frozen = masters if masters is not None else (None, None)
+        if strategy.zero_stage_3 and (state is None or frozen):
+            # no master copy (frozen weights, or no optimizer): the engine's layer-by-layer consolidation
             prefix = module_prefix(trainer.lightning_module, module)
             full = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict() or {}  # None off rank 0
-            state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            gathered = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            state = gathered if state is None else {**gathered, **state}
+        elif frozen and trainer.is_global_zero:  # ZeRO-1/2 never partition frozen weights: they are whole here
+            state = {**{k: v.detach().cpu() for k, v in module.state_dict().items()}, **state}
     if state is None:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if trainer.is_global_zero else {}
     return state if trainer.is_global_zero else None
