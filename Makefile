@@ -1,7 +1,7 @@
 # autoglm-train — `make help` lists the targets.
 PY ?= .venv/bin/python
 
-.PHONY: help setup demo test test-all test-gguf lint format bench clean
+.PHONY: help setup demo demo-all test test-all test-gguf lint format bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -11,6 +11,9 @@ setup:  ## venv with CPU torch (unless a GPU is present) + the package and its e
 
 demo: setup  ## distill SmolLM2-135M into the tiny GLM student on the embedded Shakespeare corpus
 	$(PY) train.py recipe=distill
+
+demo-all: setup  ## teacher → student → int8 → plugins → bundle → served + evaluated → outputs/demo/report/ (ARGS=--quick)
+	$(PY) -m autoglm_train.pipeline $(ARGS)
 
 test: setup  ## fast test selection (what CI runs)
 	$(PY) -m pytest -q

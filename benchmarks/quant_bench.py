@@ -46,9 +46,9 @@ def _run_dir(arg: str | None, *candidates: str) -> Path | None:
 
 
 def _run_cfg(run: Path):
-    from omegaconf import OmegaConf
+    from autoglm_train.eval.heldout_text import run_config
 
-    return OmegaConf.load(run / "hydra" / "config.yaml")
+    return run_config(run)
 
 
 def _load_student(run: Path):
@@ -59,15 +59,9 @@ def _load_student(run: Path):
 
 
 def _held_out(run: Path, tokenizer, blocks: int) -> list[dict]:
-    from hydra.utils import instantiate
+    from autoglm_train.eval.heldout_text import val_batches
 
-    from autoglm_train.data.datamodule import TextDataModule
-
-    cfg = _run_cfg(run)
-    spec = instantiate(cfg.data, max_val_blocks=blocks, eval_batch_size=4)
-    data = TextDataModule(spec, tokenizer)
-    data.setup("fit")
-    return list(data.val_dataloader())
+    return val_batches(run, tokenizer, blocks)
 
 
 def _quantized(model, **spec):
@@ -78,35 +72,9 @@ def _quantized(model, **spec):
     return out
 
 
-# --- speed ----------------------------------------------------------------------------------------
-def _decode_tps(model, prompt, new_tokens: int, pad: int) -> float:
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    return new_tokens / (time.perf_counter() - start)
-
-
-def _prefill_ms(model, prompt) -> float:
-    start = time.perf_counter()
-    model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    return (time.perf_counter() - start) * 1000
-
-
-@torch.no_grad()
-def _speeds(models: dict, decode_prompt, prefill_prompt, new_tokens: int, repeats: int, pad: int) -> dict:
-    """Best of ``repeats`` per model, the models interleaved so a noisy neighbour hits them all alike."""
-    for m in models.values():  # warm-up
-        _decode_tps(m, decode_prompt, 2, pad)
-        _prefill_ms(m, prefill_prompt)
-    best = {name: {"decode_tps": 0.0, "prefill_ms": float("inf")} for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            best[name]["decode_tps"] = max(best[name]["decode_tps"], _decode_tps(m, decode_prompt, new_tokens, pad))
-            best[name]["prefill_ms"] = min(best[name]["prefill_ms"], _prefill_ms(m, prefill_prompt))
-    return best
-
-
 # --- tables ---------------------------------------------------------------------------------------
 def student_table(base_run: Path, qat_run: Path | None, batches, args) -> tuple[list[str], dict]:
+    from autoglm_train.eval.speed import speeds
     from autoglm_train.quant.compare import compare_to_reference
     from autoglm_train.quant.qat import QATSpec
     from autoglm_train.quant.size import weight_bytes
@@ -149,7 +117,7 @@ def student_table(base_run: Path, qat_run: Path | None, batches, args) -> tuple[
             scores["fp32"] = got["reference"]
     block = batches[0]["input_ids"][:1]
     models = {n: m for n, (m, _) in rows.items()}
-    speed = _speeds(models, block[:, :16], block, args.new_tokens, args.repeats, tokenizer.pad_token_id)
+    speed = speeds(models, block[:, :16], block, args.new_tokens, args.repeats, tokenizer.pad_token_id)
     fp32_bytes, fp32_ppl, fp32_tps = weight_bytes(base), scores["fp32"].ppl, speed["fp32"]["decode_tps"]
 
     lines = [

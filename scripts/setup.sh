@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS="${AUTOGLM_EXTRAS:-dev,demo,quant,serve,export,speech,scale}"
+EXTRAS="${AUTOGLM_EXTRAS:-dev,demo,quant,serve,export,speech,scale,report}"
 if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
   PY="${PYTHON:-python}"          # an activated env: install into it, keep its torch
 else

@@ -103,6 +103,14 @@ def load_teacher(spec: TeacherSpec) -> nn.Module:
     return model
 
 
+def teacher_dir(spec: TeacherSpec) -> str:
+    """What plain transformers loads the teacher from: a GGUF teacher's cached conversion, else its dir or hub id.
+
+    Tools outside training (the server evaluation's teacher agreement) read the same weights this way.
+    """
+    return _model_dir(spec)
+
+
 def _float_config(source: str, spec: TeacherSpec):
     """The teacher's config without the ``gguf`` quantization_config a GGUF conversion leaves behind.
 

@@ -1,0 +1,134 @@
+"""Write the runs' held-out data as files a client can send: text jsonl, digit PNGs, speech WAVs.
+
+    python -m autoglm_train.pipeline.heldout --distill RUN --vision RUN --speech RUN --out DIR
+
+The text is the distill run's validation split; the images and clips are the plugin runs' own
+held-out (test) split, rebuilt from each run's saved config with the same seeded split, so the
+server is never evaluated on an item its plugin trained on. ``tools/eval_server.py`` reads the
+jsonl files (``texts.jsonl``, ``images.jsonl``, ``audio.jsonl``); ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def held_out_pairs(run: Path) -> tuple[list, Any]:
+    """The test split of an add_modality run as raw pairs (media before the plugin's preprocessing), and its spec."""
+    from hydra.utils import instantiate
+
+    from autoglm_train.data.multimodal.datamodule import split_pairs
+    from autoglm_train.data.multimodal.report import SkipReport
+    from autoglm_train.eval.heldout_text import run_config
+
+    spec = instantiate(run_config(run).data_mm)
+    report = SkipReport()
+    pairs = spec.source.load(report)
+    summary = json.loads((run / "run_summary.json").read_text())
+    trained = summary.get("data_report", {})
+    if report.num_skipped or trained.get("skipped"):
+        # the run split the pairs its plugin accepted; with items dropped, indices would not line up
+        raise ValueError(f"{run}: items were skipped while loading; its held-out split cannot be rebuilt exactly")
+    test = split_pairs(pairs, spec)["test"]
+    expected = trained.get("splits", {}).get("test")
+    if expected is not None and expected != len(test):
+        raise ValueError(f"{run}: rebuilt {len(test)} held-out items but the run held out {expected}")
+    return test, spec
+
+
+def write_texts(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from autoglm_train.eval.heldout_text import val_batches
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "student")
+    rows = []
+    for batch in val_batches(run, tokenizer, count, batch_size=count):
+        for ids in batch["input_ids"]:
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if text:
+                rows.append({"text": text})
+    _jsonl(out / "texts.jsonl", rows)
+    return rows
+
+
+def write_images(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    (out / "images").mkdir()
+    rows = []
+    pairs, _ = held_out_pairs(run)
+    for i, pair in enumerate(pairs[:count]):
+        name = f"images/{i:04d}.png"
+        Image.fromarray(np.asarray(pair.media)).save(out / name)
+        rows.append({"image": name, "label": pair.label, "prompt": pair.question})
+    _jsonl(out / "images.jsonl", rows)
+    return rows
+
+
+def write_audio(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
+    (out / "audio").mkdir()
+    pairs, spec = held_out_pairs(run)
+    rows = []
+    for i, pair in enumerate(pairs[:count]):
+        samples, rate = pair.media if isinstance(pair.media, tuple) else (pair.media, spec.source.sampling_rate)
+        name = f"audio/{i:04d}.wav"
+        _wav(out / name, np.asarray(samples, dtype=np.float32), int(rate))
+        rows.append({"audio": name, "text": pair.answer, "prompt": pair.question})
+    _jsonl(out / "audio.jsonl", rows)
+    return rows
+
+
+def _wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """16-bit PCM mono: what the server's ``input_audio`` accepts."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m autoglm_train.pipeline.heldout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--distill", required=True, type=Path, help="recipe=distill run (held-out text)")
+    p.add_argument("--vision", type=Path, help="recipe=add_modality plugin=vision run (held-out digit images)")
+    p.add_argument("--speech", type=Path, help="recipe=add_modality plugin=speech run (held-out speech clips)")
+    p.add_argument("--out", required=True, type=Path, help="folder to create (written atomically)")
+    p.add_argument("--texts", type=int, default=64, help="held-out texts at most")
+    p.add_argument("--items", type=int, default=100, help="images and clips at most, each")
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
+    try:
+        counts = {"texts": len(write_texts(args.distill, tmp, args.texts))}
+        if args.vision:
+            counts["images"] = len(write_images(args.vision, tmp, args.items))
+        if args.speech:
+            counts["audio"] = len(write_audio(args.speech, tmp, args.items))
+        sources = {"texts": args.distill, "images": args.vision, "audio": args.speech}
+        manifest = {k: {"items": n, "file": f"{k}.jsonl", "source_run": str(sources[k])} for k, n in counts.items()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"held-out data written to {args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""How big each pipeline stage runs: ``quick`` (the CI smoke run, ~2 min) and ``default`` (the documented demo).
+
+A profile is only Hydra overrides for ``train.py`` and arguments for the other CLIs, so every
+number here is one a user could type; nothing changes what the stages do, only how long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Lightning's progress bar writes carriage returns that make stage logs unreadable.
+_NO_BAR = "trainer.enable_progress_bar=false"
+
+# A plugin run of a few steps on a few items: enough to exercise every code path, not to learn.
+_TINY_PLUGIN = (
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "data_mm.batch_size=4",
+    "data_mm.eval_batch_size=8",
+    "data_mm.max_val_items=4",
+    "data_mm.max_test_items=8",
+    "plugin.encoder_layers=1",
+    _NO_BAR,
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one pipeline run."""
+
+    name: str
+    distill: tuple[str, ...]
+    """Hydra overrides for ``train.py recipe=distill`` (the int8 switch is added by the pipeline)."""
+    vision: tuple[str, ...]
+    """Hydra overrides for ``train.py recipe=add_modality plugin=vision``."""
+    speech: tuple[str, ...]
+    """Hydra overrides for ``train.py recipe=add_modality plugin=speech``."""
+    export: tuple[str, ...]
+    """Extra arguments of ``tools/export/export.py``."""
+    compare_blocks: int
+    """Held-out text blocks on which teacher, student and int8 student are scored."""
+    speed_tokens: int
+    """Greedy tokens per decode-speed measurement."""
+    speed_repeats: int
+    """Speed measurements per model (the best counts)."""
+    eval_texts: int
+    """Held-out texts scored through the server (perplexity, teacher agreement)."""
+    eval_items: int
+    """Held-out images and audio clips sent to the server, each."""
+    eval_max_tokens: int
+    """Tokens per transcription through the server."""
+    minutes: str
+    """Wall time on 2 CPU cores, as documented (printed at the start)."""
+
+    def __post_init__(self) -> None:
+        for field in ("compare_blocks", "speed_tokens", "speed_repeats", "eval_texts", "eval_items", "eval_max_tokens"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"profile {self.name}: {field} must be >= 1")
+
+
+QUICK = Profile(
+    name="quick",
+    distill=("debug=fast", "quant.ptq.eval_batches=2", "recipe.sample_max_new_tokens=4", _NO_BAR),
+    vision=("data_mm=digits", *_TINY_PLUGIN),
+    speech=("experiment=speech_digits_cpu", "data_mm.source.num_utterances=48", *_TINY_PLUGIN),
+    export=("--gguf", "none", "--no-onnx"),
+    compare_blocks=4,
+    speed_tokens=4,
+    speed_repeats=1,
+    eval_texts=4,
+    eval_items=4,
+    eval_max_tokens=4,
+    minutes="5",
+)
+
+DEFAULT = Profile(
+    name="default",
+    # 512 tokens a step: the 135M teacher's forward dominates a step on CPU, so the batch sets the time
+    distill=("data.seq_len=128", "data.batch_size=4", "trainer.max_steps=100", "trainer.limit_val_batches=4", _NO_BAR),
+    vision=("trainer.max_steps=400", _NO_BAR),
+    speech=("experiment=speech_digits_cpu", "trainer.max_steps=400", _NO_BAR),
+    export=(),
+    compare_blocks=32,
+    speed_tokens=32,
+    speed_repeats=3,
+    eval_texts=64,
+    eval_items=100,
+    eval_max_tokens=8,
+    minutes="30",
+)
+
+PROFILES = {p.name: p for p in (QUICK, DEFAULT)}
+
+
+def get_profile(name: str) -> Profile:
+    """The named profile, or an error listing the available ones."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; available: {', '.join(PROFILES)}") from None
