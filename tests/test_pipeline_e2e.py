@@ -1,7 +1,7 @@
 """``python -m autoglm_train.pipeline --quick`` end to end: a stage failing, then the rerun that finishes the job.
 
 Every stage runs for real (train.py, the exporter, uvicorn on a free port, the evaluation client);
-about 3-5 minutes on 2 CPU cores, hence ``slow`` (``make test-all``).
+about 1.5 minutes on 2 idle CPU cores (4 with other jobs on them), hence ``slow`` (``make test-all``).
 """
 
 from __future__ import annotations
