@@ -98,31 +98,26 @@ class Trial:
     problems: list[str] = field(default_factory=list)
 
 
+def _micro():
+    """``tests.micro_distill``: the micro run the tests use (the runs here load ``tests.faults`` callbacks too)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import tests.micro_distill
+
+    return tests.micro_distill
+
+
 def write_corpus(path: Path) -> Path:
     """A small real corpus: the first 12 Shakespeare documents, 1,500 characters each."""
-    from autoglm_train.data.corpora import corpus_documents
-
-    docs = [d for _, d in zip(range(12), corpus_documents("shakespeare"), strict=False)]
-    path.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
-    return path
+    return _micro().write_micro_corpus(path)
 
 
 def overrides(root: Path, corpus: Path, shape: Shape, callbacks: list[str]) -> list[str]:
     """Tiny shapes (a 3M-param student) so one run takes seconds; validation mid-run included."""
     return [
         "recipe=distill",
-        "data=local",
+        *_micro().MICRO_SHAPE,
         f"data.source={corpus}",
-        "data.seq_len=32",
-        "data.batch_size=2",
-        "data.val_fraction=0.2",
-        "data.max_val_blocks=4",
-        "model.hidden_size=64",
-        "model.num_hidden_layers=2",
-        "model.num_attention_heads=4",
-        "model.num_key_value_heads=2",
-        "model.intermediate_size=128",
-        "loss.chunk_size=16",
         f"trainer.max_steps={shape.steps}",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=2",

@@ -55,3 +55,13 @@ def micro_decoder(student_tok):
 
     torch.manual_seed(0)
     return build_decoder(micro_spec(), len(student_tok), student_tok.pad_token_id, student_tok.eos_token_id).eval()
+
+
+@pytest.fixture(scope="session")
+def bundles(student_tok, tmp_path_factory):
+    """The serving tests' bundles (full, text-only, ...), built once per session: see ``tests/serve_support.py``."""
+    from tests.serve_support import build_bundles
+
+    root = tmp_path_factory.getbasetemp() / "serve-bundles"
+    root.mkdir(exist_ok=True)
+    return build_bundles(root, student_tok)

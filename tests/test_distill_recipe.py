@@ -14,33 +14,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import CACHE, REPO
+from tests.micro_distill import MICRO_SHAPE, write_micro_corpus
 
 
 def _corpus(tmp_path: Path) -> Path:
-    """A small real corpus (a few Shakespeare sonnets-length blocks) written per test."""
-    from autoglm_train.data.corpora import corpus_documents
-
-    docs = [d for _, d in zip(range(12), corpus_documents("shakespeare"), strict=False)]
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
-    return path
+    """A small real corpus (12 Shakespeare documents) written per test."""
+    return write_micro_corpus(tmp_path / "corpus.jsonl")
 
 
 def _overrides(tmp_path: Path, corpus: Path, steps: int) -> list[str]:
     return [
         "recipe=distill",
-        "data=local",
+        *MICRO_SHAPE,
         f"data.source={corpus}",
-        "data.seq_len=32",
-        "data.batch_size=2",
-        "data.val_fraction=0.2",
-        "data.max_val_blocks=4",
-        "model.hidden_size=64",
-        "model.num_hidden_layers=2",
-        "model.num_attention_heads=4",
-        "model.num_key_value_heads=2",
-        "model.intermediate_size=128",
-        "loss.chunk_size=16",
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=2",

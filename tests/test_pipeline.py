@@ -21,6 +21,7 @@ from autoglm_train.pipeline.profiles import QUICK
 from autoglm_train.pipeline.report import fmt
 from autoglm_train.pipeline.stages import Stage, StageFailed, load_state, run_stages
 from tests.conftest import CACHE, REPO
+from tests.micro_distill import MICRO_SHAPE, write_micro_corpus
 from tests.pipeline_support import check_report_cells
 
 
@@ -85,17 +86,7 @@ def test_cli_lists_every_stage_and_refuses_a_bad_override(tmp_path, capsys):
 
 # --- the real stages on a micro run -----------------------------------------------------------------------------
 MICRO_DISTILL = (
-    "data=local",
-    "data.seq_len=32",
-    "data.batch_size=2",
-    "data.val_fraction=0.2",
-    "data.max_val_blocks=4",
-    "model.hidden_size=64",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
-    "model.intermediate_size=128",
-    "loss.chunk_size=16",
+    *MICRO_SHAPE,
     "trainer.max_steps=2",
     "trainer.val_check_interval=1",
     "trainer.limit_val_batches=1",
@@ -108,12 +99,9 @@ MICRO_DISTILL = (
 
 
 def _micro_options(root: Path, **changes) -> Options:
-    from autoglm_train.data.corpora import corpus_documents
-
     corpus = root.parent / "corpus.jsonl"
     if not corpus.exists():
-        docs = [d for _, d in zip(range(12), corpus_documents("shakespeare"), strict=False)]
-        corpus.write_text("".join(json.dumps({"text": d[:1500]}) + "\n" for d in docs))
+        write_micro_corpus(corpus)
     profile = dataclasses.replace(
         QUICK, distill=(*MICRO_DISTILL, f"data.source={corpus}"), compare_blocks=2, speed_tokens=2
     )

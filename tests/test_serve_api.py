@@ -22,7 +22,6 @@ from tests.serve_support import (
     QUESTION,
     REASONING,
     SENTENCE,
-    build_bundles,
     one_thread,
     png_data_url,
     wav_base64,
@@ -35,13 +34,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def _threads():
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="session")
-def bundles(student_tok, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "serve-bundles"
-    root.mkdir(exist_ok=True)
-    return build_bundles(root, student_tok)
 
 
 @pytest.fixture(scope="module")

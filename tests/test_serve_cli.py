@@ -16,14 +16,7 @@ from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.cli import config_from_args, log_startup, parse_args, startup_lines
 from autoglm_train.serve.engine import Engine
 from tests.conftest import REPO
-from tests.serve_support import KEY, MODEL, build_bundles
-
-
-@pytest.fixture(scope="session")
-def bundles(student_tok, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "serve-bundles"
-    root.mkdir(exist_ok=True)
-    return build_bundles(root, student_tok)
+from tests.serve_support import KEY, MODEL
 
 
 def test_keys_come_from_flags_env_and_file(tmp_path, monkeypatch):

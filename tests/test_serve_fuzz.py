@@ -18,7 +18,7 @@ from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
 from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.schemas import ChatCompletionRequest, CompletionRequest
-from tests.serve_support import KEY, MODEL, QUESTION, build_bundles, one_thread
+from tests.serve_support import KEY, MODEL, QUESTION, one_thread
 
 schemathesis = pytest.importorskip("schemathesis")  # the dev extra; it brings hypothesis
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -35,10 +35,8 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def app(student_tok, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "serve-bundles"
-    root.mkdir(exist_ok=True)
-    bundle = build_bundles(root, student_tok).full
+def app(bundles):
+    bundle = bundles.full
     # small bounds keep every fuzzed generation short; the checks under test are the same at any size
     config = ServerConfig(
         bundle=str(bundle), api_keys=[KEY], rate_limit=None, max_model_len=96, max_tokens_cap=8,

@@ -23,7 +23,7 @@ from autoglm_train.serve.config import ServerConfig
 from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from autoglm_train.serve.security import PROTECTED_PREFIX
-from tests.serve_support import KEY, MODEL, OTHER_KEY, build_bundles, one_thread
+from tests.serve_support import KEY, MODEL, OTHER_KEY, one_thread
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 OPEN_ROUTES = {"/health", "/metrics", "/openapi.json"}
@@ -39,10 +39,8 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def bundle(student_tok, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "serve-bundles"
-    root.mkdir(exist_ok=True)
-    return build_bundles(root, student_tok).full
+def bundle(bundles):
+    return bundles.full
 
 
 @pytest.fixture(scope="module")
