@@ -23,7 +23,7 @@ from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids, s
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.manifest import load_plugin_artifact, pin_decoder, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin
+from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin, plugin_target
 from autoglm_train.model.registry import instantiate_plugin
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.tasks.sharding import gathered_module
@@ -163,8 +163,7 @@ def _build_plugin(plugin_cfg: DictConfig, hidden_size: int, init_plugin: str | N
 
 def _rebuilt(plugin, state: dict) -> object:
     """A fresh plugin of ``plugin``'s config holding ``state``: the whole plugin gathered from its shards."""
-    target = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
-    fresh = instantiate_plugin({"_target_": target, **plugin.config()})
+    fresh = instantiate_plugin({"_target_": plugin_target(plugin), **plugin.config()})
     fresh.load_state_dict(state)
     return fresh
 

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_train.model.plugin import ModalityPlugin
-from autoglm_train.model.plugin_io import CONFIG_FILE, WEIGHTS_FILE, PluginMismatchError, load_plugin, save_plugin
+from autoglm_train.model.plugin_io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    PluginMismatchError,
+    load_plugin,
+    plugin_target,
+    save_plugin,
+)
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "autoglm-train/plugin"
@@ -146,7 +153,7 @@ def save_plugin_artifact(
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "plugin": plugin.name,
-            "target": f"{type(plugin).__module__}.{type(plugin).__qualname__}",
+            "target": plugin_target(plugin),
             "decoder": pin.to_dict(),
             "files": {
                 name: {"sha256": file_sha256(inner / name), "bytes": (inner / name).stat().st_size}

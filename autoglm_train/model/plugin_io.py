@@ -26,6 +26,11 @@ class PluginMismatchError(ConfigValueError):
     """A plugin artifact trained against a different decoder."""
 
 
+def plugin_target(plugin: ModalityPlugin) -> str:
+    """The ``_target_`` that rebuilds ``plugin``'s class from its ``config()``."""
+    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
 def save_plugin(
     plugin: ModalityPlugin,
     directory: str | Path,
@@ -37,8 +42,12 @@ def save_plugin(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)
-    target = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
-    meta = {"_target_": target, **plugin.config(), "decoder_fingerprint": decoder_fingerprint, **(extra or {})}
+    meta = {
+        "_target_": plugin_target(plugin),
+        **plugin.config(),
+        "decoder_fingerprint": decoder_fingerprint,
+        **(extra or {}),
+    }
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     state = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
