@@ -17,7 +17,7 @@ import pytest
 
 from autoglm_train.pipeline.cli import main as pipeline_main
 from autoglm_train.pipeline.plan import STAGES, Options, build_stages
-from autoglm_train.pipeline.profiles import QUICK
+from autoglm_train.pipeline.profiles import PROFILES, QUICK
 from autoglm_train.pipeline.report import fmt
 from autoglm_train.pipeline.stages import Stage, StageFailed, load_state, run_stages
 from tests.conftest import CACHE, REPO
@@ -73,6 +73,21 @@ def test_a_stage_that_exits_0_without_its_outputs_is_a_failure(tmp_path):
     with pytest.raises(StageFailed, match="stage 'quiet' failed"):
         run_stages([stage], tmp_path, echo=lambda _: None, stream=False)
     assert "did not write" in (tmp_path / "logs" / "quiet.log").read_text()
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profiles_training_commands_compose(profile, tmp_path):
+    """The default profile otherwise runs only in the 20-minute demo: a typo there must fail here, in seconds."""
+    from hydra import compose, initialize_config_dir
+
+    stages = build_stages(Options(root=tmp_path, profile=PROFILES[profile], repo=REPO))
+    for stage in (s for s in stages if s.name in ("distill", "vision", "speech")):
+        overrides = stage.command[2:]  # after python train.py
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        assert cfg.paths.output_dir == str(tmp_path / stage.name), stage.name
+        if stage.name == "vision" and profile == "default":
+            assert cfg.plugin.stem == "conv" and cfg.trainer.max_steps == 1500
 
 
 def test_cli_lists_every_stage_and_refuses_a_bad_override(tmp_path, capsys):

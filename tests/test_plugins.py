@@ -147,6 +147,40 @@ def test_vision_full_grid_is_the_patch_features() -> None:
     assert torch.equal(plugin.encode(pixels), patches)
 
 
+def test_vision_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path) -> None:
+    plugin = tiny_vision(num_tokens=16, stem="conv").eval()
+    stem = plugin.encoder.embeddings.patch_embeddings.projection
+    pixels = plugin.preprocess(images(2))
+    # log2(4) = 2 stride-2 convolutions: 16px → the same 4x4 grid the linear patch embedding makes
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in stem) == 2
+    assert stem(pixels).shape == (2, 32, 4, 4)
+    assert plugin.encode(pixels).shape == (2, 16, 32)
+    folder = save_plugin(plugin, tmp_path / "vision", decoder_fingerprint="d")
+    loaded = load_plugin(folder, decoder_fingerprint="d").eval()
+    assert loaded.config()["stem"] == "conv"
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(pixels), plugin.encode(pixels))
+
+
+def test_vision_conv_stem_output_does_not_depend_on_the_batch() -> None:
+    """GroupNorm, not BatchNorm: an image encodes the same alone or in a batch, in train mode too."""
+    plugin = tiny_vision(stem="conv").train()
+    pixels = plugin.preprocess(images(3))
+    with torch.no_grad():
+        together = plugin.encoder.embeddings.patch_embeddings(pixels)
+        alone = plugin.encoder.embeddings.patch_embeddings(pixels[:1])
+    torch.testing.assert_close(alone, together[:1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"stem": "resnet"}, "expected one of"), ({"stem": "conv", "patch_size": 3, "image_size": 12}, "power of 2")],
+)
+def test_vision_bad_stem_is_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_vision(**overrides)
+
+
 @pytest.mark.parametrize("num_tokens", [5, 17, 64])
 def test_vision_num_tokens_must_fit_the_patch_grid(num_tokens: int) -> None:
     with pytest.raises(ValueError, match="does not fit the 4x4 patch grid"):

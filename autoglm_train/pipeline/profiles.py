@@ -79,7 +79,8 @@ DEFAULT = Profile(
     name="default",
     # 512 tokens a step: the 135M teacher's forward dominates a step on CPU, so the batch sets the time
     distill=("data.seq_len=128", "data.batch_size=4", "trainer.max_steps=100", "trainer.limit_val_batches=4", _NO_BAR),
-    vision=("trainer.max_steps=400", _NO_BAR),
+    # the CPU vision experiment (conv stem) on half its schedule: ~90% of its accuracy in half its time
+    vision=("experiment=vision_digits_cpu", "trainer.max_steps=1500", _NO_BAR),
     speech=("experiment=speech_digits_cpu", "trainer.max_steps=400", _NO_BAR),
     export=(),
     compare_blocks=32,

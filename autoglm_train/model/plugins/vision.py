@@ -13,6 +13,8 @@ from torch.nn import functional as F
 
 from autoglm_train.model.plugin import MissingExtraError, ModalityPlugin
 
+STEMS = ("patch", "conv")
+
 # ITU-R 601 luma weights, the same PIL uses for mode "L", for feeding RGB into a 1-channel encoder.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -39,6 +41,9 @@ class VisionPlugin(ModalityPlugin):
         encoder_intermediate_size: MLP width.
         mean: per-channel (or one shared) normalisation mean, applied after scaling to [0, 1].
         std: per-channel (or one shared) normalisation std.
+        stem: ``patch`` (ViT's one linear projection per patch) or ``conv`` (a stack of stride-2 3x3
+            convolutions, Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): a ViT
+            trained from scratch on a few thousand images learns several times faster with it.
     """
 
     def __init__(
@@ -56,17 +61,23 @@ class VisionPlugin(ModalityPlugin):
         encoder_intermediate_size: int = 768,
         mean: float | Sequence[float] = 0.5,
         std: float | Sequence[float] = 0.5,
+        stem: str = "patch",
     ) -> None:
         # The base constructor calls build_encoder(), so the shape must be known (and checked) first.
         if image_size < 1 or patch_size < 1 or image_size % patch_size:
             raise ValueError(
                 f"plugin {name}: image_size {image_size} must be a positive multiple of patch_size {patch_size}"
             )
+        if stem not in STEMS:
+            raise ValueError(f"plugin {name}: stem={stem!r}; expected one of {STEMS}")
+        if stem == "conv" and patch_size & (patch_size - 1):
+            raise ValueError(f"plugin {name}: stem=conv halves the image per layer, so patch_size must be a power of 2")
         if num_channels < 1:
             raise ValueError(f"plugin {name}: num_channels must be >= 1, got {num_channels}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        self.stem = stem
         self.encoder_hidden_size = encoder_hidden_size
         self.encoder_layers = encoder_layers
         self.encoder_heads = encoder_heads
@@ -96,7 +107,12 @@ class VisionPlugin(ModalityPlugin):
             patch_size=self.patch_size,
             num_channels=self.num_channels,
         )
-        return ViTModel(config, add_pooling_layer=False)
+        model = ViTModel(config, add_pooling_layer=False)
+        if self.stem == "conv":
+            model.embeddings.patch_embeddings.projection = ConvStem(
+                self.num_channels, self.encoder_hidden_size, self.patch_size
+            )
+        return model
 
     @property
     def encoder_dim(self) -> int:
@@ -136,6 +152,7 @@ class VisionPlugin(ModalityPlugin):
             "encoder_intermediate_size": self.encoder_intermediate_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "stem": self.stem,
         }
 
     # --- helpers -----------------------------------------------------------------------
@@ -176,6 +193,33 @@ class VisionPlugin(ModalityPlugin):
         if channels == 3 and self.num_channels == 1:
             return (pixels * torch.tensor(_LUMA).view(3, 1, 1)).sum(0, keepdim=True)
         raise ValueError(f"{where}: {channels} channels cannot feed a {self.num_channels}-channel encoder")
+
+
+class ConvStem(nn.Sequential):
+    """``log2(patch_size)`` stride-2 3x3 conv + GroupNorm + ReLU layers, then a 1x1 conv to the ViT width.
+
+    Drop-in for ``ViTPatchEmbeddings.projection``: the same ``[B, C, S, S] → [B, D, S/p, S/p]``
+    contract. GroupNorm, not BatchNorm: no running statistics, so a frozen encoder stays frozen
+    in train mode and a batch of one encodes like a batch of many.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, patch_size: int) -> None:
+        layers: list[nn.Module] = []
+        width = max(out_channels // 8, 8)
+        for _ in range(int(math.log2(patch_size))):
+            layers += [
+                nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(min(8, width), width),
+                nn.ReLU(),
+            ]
+            in_channels, width = width, min(width * 2, out_channels)
+        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=1))
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``ViTModel.forward`` reads the projection's ``weight.dtype`` to cast its input."""
+        return self[-1].weight
 
 
 def _as_array(item: Any) -> np.ndarray:
