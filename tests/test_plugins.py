@@ -162,6 +162,12 @@ def test_vision_conv_stem_keeps_the_patch_grid_and_round_trips(tmp_path) -> None
         assert torch.equal(loaded.encode(pixels), plugin.encode(pixels))
 
 
+def test_vision_conv_stem_builds_for_a_width_that_is_not_a_multiple_of_8() -> None:
+    # width 100: stem widths 12 → 24, which GroupNorm with a fixed 8 groups would refuse
+    plugin = tiny_vision(stem="conv", encoder_hidden_size=100)
+    assert plugin.encode(plugin.preprocess(images(2))).shape == (2, 4, 100)
+
+
 def test_vision_conv_stem_output_does_not_depend_on_the_batch() -> None:
     """GroupNorm, not BatchNorm: an image encodes the same alone or in a batch, in train mode too."""
     plugin = tiny_vision(stem="conv").train()

@@ -209,7 +209,7 @@ class ConvStem(nn.Sequential):
         for _ in range(int(math.log2(patch_size))):
             layers += [
                 nn.Conv2d(in_channels, width, kernel_size=3, stride=2, padding=1, bias=False),
-                nn.GroupNorm(min(8, width), width),
+                nn.GroupNorm(math.gcd(8, width), width),  # up to 8 groups that divide any width
                 nn.ReLU(),
             ]
             in_channels, width = width, min(width * 2, out_channels)
