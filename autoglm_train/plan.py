@@ -10,7 +10,7 @@ What is counted, per GPU:
   ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` (the functions behind
   ``estimate_zero{2,3}_model_states_mem_needs_all_cold``; mirrored here when DeepSpeed is not installed). They
   assume 16-bit weights + fp32 master weights and Adam moments: 2 + 16 bytes/param, 18 of them sharded. ZeRO-3 is
-  taken with ``zero_init=False`` because the recipes build the student before the engine partitions it. DDP keeps
+  taken with ``zero_init=True``: the distill task builds the student under ``zero.Init``. DDP keeps
   everything replicated (fp32 weights + grads + Adam = 16 B/param); FSDP2 (fp32 sharded weights, bf16 autocast)
   holds 16 B/param / N plus its gathered units: the root unit (embeddings + final norm + lm_head, kept gathered
   for the step) and two decoder layers (current + prefetched), in fp32.
@@ -245,20 +245,25 @@ def _deepspeed_estimators():
 
 
 def model_states(strategy: str, s: Shape, n_gpus: int, gpus_per_node: int) -> tuple[float, float]:
-    """(GPU bytes per rank, host bytes per node) for the student's weights + grads + optimizer."""
+    """(GPU bytes per rank, host bytes on the busiest node) for the student's weights + grads + optimizer.
+
+    Host: the distill task builds the student inside ``configure_model`` (:mod:`autoglm_train.tasks.student_build`):
+    on each GPU directly (DDP, ZeRO-2), partitioned as it is constructed (ZeRO-3, DeepSpeed's ``zero_init=True``),
+    or whole on rank 0's host only (FSDP2). So the host holds the student only there and for offloaded states.
+    """
     zero2, zero3, _ = _deepspeed_estimators()
     nodes = max(1, math.ceil(n_gpus / gpus_per_node))
     per_node = min(gpus_per_node, n_gpus)
     if strategy == "ddp":
-        return 16.0 * s.params, 4.0 * s.params * per_node  # each rank builds the fp32 student in host RAM first
+        return 16.0 * s.params, 0.0
     if strategy == "fsdp":
         gathered = 4.0 * (s.root_unit + 2 * s.per_layer)
-        return 16.0 * s.params / n_gpus + gathered, 4.0 * s.params * per_node
-    if strategy.startswith("deepspeed_zero2"):
-        cpu, gpu = zero2(s.params, per_node, nodes, cpu_offload=strategy.endswith("offload"))
-        return float(gpu), float(cpu)
+        return 16.0 * s.params / n_gpus + gathered, 4.0 * s.params  # rank 0 builds the fp32 student, then shards it
     offload = strategy.endswith("offload")
-    cpu, gpu, _ = zero3(s.params, s.largest_layer, per_node, nodes, offload, False, False)
+    if strategy.startswith("deepspeed_zero2"):
+        cpu, gpu = zero2(s.params, per_node, nodes, cpu_offload=offload)
+        return float(gpu), float(cpu) if offload else 0.0  # without offload DeepSpeed's host figure is a host build
+    cpu, gpu, _ = zero3(s.params, s.largest_layer, per_node, nodes, offload, False, True)
     return float(gpu), float(cpu)
 
 
@@ -377,7 +382,8 @@ def render(
         "",
         f"## Per-GPU memory (GB) at micro-batch {micro_batch} x {seq_len} tokens, {gpu_gb:g} GB GPUs,"
         f" {gpus_per_node} GPUs/node",
-        f"(model states: {source}; + teacher + activations + {_gb(OVERHEAD_BYTES)} GB overhead; host = per node)",
+        f"(model states: {source}; + teacher + activations + {_gb(OVERHEAD_BYTES)} GB overhead; host = the student's"
+        " states in host RAM on the busiest node; each rank loads its teacher onto its GPU directly)",
         "",
         "| GPUs | strategy | model states | teacher | activations (no ckpt / ckpt) | total (no ckpt / ckpt) | host |",
         "|---:|---|---:|---:|---:|---:|---:|",

@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
     data = TextDataModule(instantiate(cfg.data), tokenizer)
 
     # 3. Teacher (frozen) and the width both sides are compared on.
-    teacher = load_teacher(teacher_spec)
+    teacher = load_teacher(teacher_spec, trainer.strategy.root_device)  # a GPU rank reads it onto its own GPU
     plan = plan_vocab(teacher.get_output_embeddings().weight.shape[0], base_vocab, tokenizer)
 
     # 3b. Optional offline teacher top-k: training then never runs the teacher.
@@ -68,25 +68,32 @@ def run(cfg: DictConfig) -> dict:
         )
         data.attach_train_columns(build_topk_cache(teacher, data.data.train, cache_dir, cache_spec, plan.kd_vocab_size))
 
-    # 4. Student: a fresh GLM decoder with the teacher's token ids.
-    student = build_decoder(instantiate(cfg.model), len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
+    #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
+    #    QAT: it trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
+    spec = instantiate(cfg.model)
+    token_ids = (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+    def make_student() -> torch.nn.Module:
+        student = build_decoder(spec, *token_ids, device=None, dtype=None)
+        if qat:
+            from autoglm_train.quant.qat import prepare_qat
+
+            prepare_qat(student, qat)
+        return student
+
+    shape = build_decoder(spec, *token_ids, device="meta")
     log.info(
         "student %s: %s params (vocab %d, KD over %d)",
         cfg.model.name,
-        f"{count_parameters(student):,}",
-        student.config.vocab_size,
+        f"{count_parameters(shape):,}",
+        shape.config.vocab_size,
         plan.kd_vocab_size,
     )
 
-    # 4b. QAT: the student trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
-    if qat:
-        from autoglm_train.quant.qat import prepare_qat
-
-        prepare_qat(student, qat)
-
     # 5. Task and fit; resumes from the newest complete checkpoint when asked.
     task = DistillTask(
-        student,
+        make_student,
         teacher,
         instantiate(cfg.loss),
         instantiate(cfg.optim.optimizer),
@@ -99,11 +106,11 @@ def run(cfg: DictConfig) -> dict:
     if qat:
         from autoglm_train.quant.qat import convert_qat
 
-        convert_qat(student)  # back to plain float modules: the weights that learned to survive int8
+        convert_qat(task.student)  # back to plain float modules: the weights that learned to survive int8
 
     # 6. The student as a plain HF directory, plus greedy samples to eyeball: written by global rank 0
     #    (ZeRO-3 / FSDP gather the shards first; every rank takes part in that).
-    final = gathered_student(trainer, student)
+    final = gathered_student(trainer, task.student)
     if final is None:
         return {"recipe": "distill", "global_rank": trainer.global_rank}
     student_dir = save_hf_decoder(final, tokenizer, out_dir / "student")

@@ -37,6 +37,7 @@ class PlacementProbe(L.Callback):
                 "strategy": type(trainer.strategy).__name__,
                 "wrapper": type(wrapper).__name__,
                 "student_class": type(pl_module.student).__name__,
+                "student_build": pl_module.student_build,
                 "teacher_devices": sorted({str(p.device) for p in teacher_params}),
                 "student_device": str(pl_module.device),
                 "teacher_in_task_modules": any(m is teacher for m in pl_module.modules()),

@@ -65,6 +65,17 @@ def test_model_states_are_deepspeeds_estimates(student):
     assert plan.model_states("ddp", student, 8, 8)[0] == 16 * p
 
 
+def test_host_memory_follows_where_the_task_builds_the_student(student):
+    """configure_model builds on the GPU (DDP, ZeRO-2), under zero.Init (ZeRO-3) or on rank 0's host (FSDP2)."""
+    p = student.params
+    assert plan.model_states("ddp", student, 8, 8)[1] == 0.0
+    assert plan.model_states("deepspeed_zero2", student, 16, 8)[1] == 0.0
+    assert plan.model_states("fsdp", student, 16, 8)[1] == 4.0 * p  # one fp32 copy per job, not one per rank
+    host = plan.model_states("deepspeed_zero3", student, 16, 8)[1]
+    assert host == int(student.largest_layer * 4 * 8 * 1.5)  # DeepSpeed's zero_init=True estimate
+    assert host < 4.0 * p * 8 / 10  # a tenth of what 8 ranks each building the fp32 student on the host took
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="compares with DeepSpeed's own functions")
 def test_the_fallback_mirrors_deepspeed_exactly(monkeypatch, student):
     ds2, ds3, source = plan._deepspeed_estimators()

@@ -56,6 +56,21 @@ def test_prepare_keeps_parameters_state_dict_and_tying():
         prepare_qat(model, QATSpec())
 
 
+def test_prepare_on_the_meta_device_keeps_keys_and_tying():
+    """FSDP2's ranks > 0 build the student on meta and prepare it there; rank 0's weights arrive by key."""
+    from autoglm_train.model.decoder import build_decoder
+    from autoglm_train.quant.qat import QATSpec, prepare_qat
+
+    with torch.device("meta"):
+        model = build_decoder(micro_spec(), 512, 0, 1, device=None, dtype=None)
+        prepare_qat(model, QATSpec())
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    whole = _micro()
+    prepare_qat(whole, QATSpec())
+    assert list(model.state_dict()) == list(whole.state_dict())
+
+
 @pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_weight_only"])
 def test_train_convert_then_ptq_matches_fake_quant(scheme):
     from torchao.quantization import Int8Tensor

@@ -33,6 +33,12 @@ STRATEGY_CLASS = {
     "deepspeed_zero3": "DeepSpeedStrategy",
     "fsdp": "FSDP2Strategy",
 }
+STUDENT_BUILD = {  # how configure_model built the student (autoglm_train.tasks.student_build)
+    "ddp": "whole",
+    "deepspeed_zero2": "whole",
+    "deepspeed_zero3": "zero.Init",  # partitioned as constructed: no rank holds it whole
+    "fsdp": "rank0-broadcast",  # whole on rank 0 only, meta elsewhere, then sharded
+}
 WRAPPER_CLASS = {
     "ddp": "DistributedDataParallel",
     "deepspeed_zero2": "DeepSpeedEngine",
@@ -47,7 +53,13 @@ WRAPPER_CLASS = {
 
 
 def _launch(
-    root: Path, corpus: Path, trainer: str, steps: int, precision: str = "32", timeout: int = 420
+    root: Path,
+    corpus: Path,
+    trainer: str,
+    steps: int,
+    precision: str = "32",
+    timeout: int = 420,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """``python train.py`` with 2 CPU processes; a probe callback records placement and per-step loss/time."""
     probe = "+callbacks=[{_target_: tests.scale_probe.PlacementProbe, path: %s}]" % (root / "probe.jsonl")
@@ -59,6 +71,7 @@ def _launch(
         f"trainer.precision={precision}",
         "trainer.limit_val_batches=1",
         probe,
+        *extra,
     ]
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -90,6 +103,7 @@ def _check_placement(starts: list[dict], trainer: str) -> None:
     for r in starts:
         assert r["world_size"] == 2
         assert r["strategy"] == STRATEGY_CLASS[trainer] and r["wrapper"] == WRAPPER_CLASS[trainer], r
+        assert r["student_build"] == STUDENT_BUILD[trainer], r
         assert r["teacher_devices"] == [r["student_device"]], r
         assert not r["teacher_in_task_modules"] and not r["teacher_in_wrapper_params"], r
         assert not r["teacher_in_optimizer"] and not r["teacher_requires_grad"], r
@@ -162,6 +176,24 @@ def test_zero2_two_processes_trains_the_ddp_student_and_converts(tmp_path, corpu
     _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
     ckpt = tmp_path / "outputs" / "t" / "checkpoints" / "step=000004.ckpt"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "latest").is_file()
+    _check_conversion(tmp_path, 4)
+
+
+@needs_deepspeed
+def test_zero3_builds_the_student_partitioned_and_trains_the_ddp_student(tmp_path, corpus, ddp_run):
+    """ZeRO-3 partitions the student while it is constructed, yet it starts from the DDP student's weights (same
+    seed), trains the same steps, and its int8 form is written after training (``quant=ptq_int8``)."""
+    _check_ran(_launch(tmp_path, corpus, "deepspeed_zero3", steps=4, extra=("quant=ptq_int8",)))
+    starts, losses = _probe(tmp_path)
+    _check_placement(starts, "deepspeed_zero3")
+    _, ddp_losses = _probe(ddp_run)
+    for key, loss in ddp_losses.items():
+        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
+    _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
+    out = tmp_path / "outputs" / "t"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["ptq/weight_bytes_ratio"] < 0.5 and summary["ptq/top1_agreement_with_float"] > 0.5, summary
+    assert (out / "student_int8").is_dir()
     _check_conversion(tmp_path, 4)
 
 
@@ -357,21 +389,47 @@ def test_checkpoint_with_a_teacher_is_refused():
         assert_student_only(["student.lm_head.weight", "_teacher.0.model.embed_tokens.weight"])
 
 
-def test_activation_checkpointing_callback_switches_on_the_student_only(micro_decoder):
+def test_activation_checkpointing_reaches_a_student_built_in_configure_model():
+    """A real fit: the task builds its student in configure_model, the callback then switches checkpointing on it."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
     from autoglm_train.distill.losses import KDLoss
     from autoglm_train.model.decoder import build_decoder
     from autoglm_train.tasks.distill_task import DistillTask
     from autoglm_train.tasks.recompute import ActivationCheckpointing
     from tests.conftest import micro_spec
 
-    teacher = build_decoder(micro_spec(), micro_decoder.config.vocab_size, 0)
-    task = DistillTask(micro_decoder, teacher, KDLoss(), torch.optim.AdamW, None, micro_decoder.config.vocab_size)
-    ActivationCheckpointing().setup(None, task, "fit")
-    flags = [m.gradient_checkpointing for m in micro_decoder.modules() if hasattr(m, "gradient_checkpointing")]
-    assert flags and all(flags)
+    teacher = build_decoder(micro_spec(), 128, 0)
+    task = DistillTask(
+        lambda: build_decoder(micro_spec(), 128, 0, device=None, dtype=None),
+        teacher,
+        KDLoss(chunk_size=16),
+        torch.optim.AdamW,
+        None,
+        128,
+    )
+    assert task.student is None and task.student_build == "pending"
+    rows = torch.randint(0, 128, (4, 16))
+    seen: dict[str, bool] = {}
+
+    class GradsSeen(L.Callback):
+        def on_after_backward(self, trainer, pl_module) -> None:
+            seen["all_grads"] = all(p.grad is not None for p in pl_module.student.parameters())
+            seen["recomputed"] = all(m.gradient_checkpointing for m in pl_module.student.model.layers)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ActivationCheckpointing(), GradsSeen()],
+    )
+    trainer.fit(task, DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=2))
+    assert task.student_build == "whole" and trainer.global_step == 1
+    assert seen == {"all_grads": True, "recomputed": True}
     assert not any(getattr(m, "gradient_checkpointing", False) for m in teacher.modules())
-    micro_decoder.train()
-    ids = torch.randint(0, 100, (2, 16))
-    out, _, _ = task._loss({"input_ids": ids, "labels": ids})
-    out.loss.backward()
-    assert all(p.grad is not None for p in micro_decoder.parameters())

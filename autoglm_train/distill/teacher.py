@@ -77,12 +77,19 @@ def load_teacher_tokenizer(spec: TeacherSpec):
     return AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
 
-def load_teacher(spec: TeacherSpec) -> nn.Module:
-    """The frozen teacher in eval mode with no grads; never part of a student checkpoint."""
+def load_teacher(spec: TeacherSpec, device: torch.device | None = None) -> nn.Module:
+    """The frozen teacher in eval mode with no grads; never part of a student checkpoint.
+
+    ``device``: the rank's GPU (``trainer.strategy.root_device``). The weights are then read straight onto it: eight
+    ranks of a node do not each hold a 9B teacher in host RAM first, and an int8 teacher (placed at load time,
+    it refuses ``.to()``) lands on its own rank's GPU instead of the current device, cuda:0 on every rank.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     source = _model_dir(spec)
     kwargs: dict = {"dtype": DTYPES[spec.dtype], "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device}
     if spec.load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["config"] = _float_config(source, spec)

@@ -6,6 +6,7 @@ Hugging Face directory that transformers, vLLM and GGUF converters read without 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -92,16 +93,42 @@ def build_decoder(
     tokenizer_size: int,
     pad_token_id: int,
     eos_token_id: int | list[int] | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = torch.float32,
 ):
-    """A freshly initialised ``GlmForCausalLM``; ``device="meta"`` allocates nothing."""
-    from transformers import GlmForCausalLM
+    """A freshly initialised ``GlmForCausalLM``; ``device="meta"`` allocates nothing.
 
+    ``device=None, dtype=None`` build wherever the surrounding context puts tensors and in their dtype: the task's
+    ``configure_model`` builds the student that way, inside the strategy's context (ZeRO-3's ``zero.Init``).
+    """
     config = spec.to_hf_config(spec.padded_vocab(tokenizer_size), pad_token_id, eos_token_id)
-    with torch.device(device):
+    with nullcontext() if device is None else torch.device(device):
+        model = new_decoder(config)
+    return model if dtype is None or device == "meta" else model.to(dtype)
+
+
+def new_decoder(config) -> torch.nn.Module:
+    """``GlmForCausalLM(config)`` with each weight initialised once, by Hugging Face's init.
+
+    The plain constructor first runs torch's default init on every layer and then overwrites it; skipping that pass
+    saves minutes on a 9B student and makes the random draws the same whether the weights are whole (one device,
+    DDP, FSDP's rank 0) or partitioned at construction by DeepSpeed's ``zero.Init``. The latter are gathered one
+    module at a time and initialised on rank 0 (transformers' ZeRO-3 init), so a ZeRO-3 student starts from the
+    weights a DDP student of the same seed starts from.
+    """
+    from transformers import GlmForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
         model = GlmForCausalLM(config)
-    return model.to(dtype) if device != "meta" else model
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # partitioned by deepspeed.zero.Init
+        from transformers.integrations.deepspeed import initialize_weights_zero3
+
+        initialize_weights_zero3(model)
+    elif not any(p.is_meta for p in model.parameters()):
+        model.initialize_weights()
+    model.tie_weights()
+    return model
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -84,6 +84,8 @@ def prepare_qat(model: nn.Module, spec: QATSpec) -> dict[str, int]:
             fq_embed.weight_fake_quantizer = embed_q
             quantizers.append(embed_q)
         model.set_input_embeddings(fq_embed)
+        if tied:  # torchao leaves meta-device weights behind (FSDP2's ranks > 0 build on meta): tie the new ones
+            fq_head.weight = fq_embed.weight
         if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise RuntimeError("prepare_qat broke the tied embedding / head")
         handle = attach_refresh_hook(getattr(model, model.base_model_prefix), quantizers)

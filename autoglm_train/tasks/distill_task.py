@@ -12,6 +12,7 @@ from torch import nn
 
 from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
+from autoglm_train.tasks.student_build import StudentFactory, build_student
 from autoglm_train.utils.sharded_checkpoint import assert_student_only
 
 
@@ -30,8 +31,12 @@ class DistillTask(L.LightningModule):
     only ``self.parameters()`` (ZeRO-3 partitions the student alone); FSDP2 shards
     ``self.student`` in :meth:`configure_model`; each rank runs a full teacher on its device.
 
+    Given a factory instead of a module, the task builds the student in :meth:`configure_model`, inside the
+    strategy's contexts, so ZeRO-3 and FSDP2 never hold it whole on every rank
+    (:mod:`autoglm_train.tasks.student_build`).
+
     Args:
-        student: the GLM causal LM being trained.
+        student: the GLM causal LM being trained, or a :data:`StudentFactory` that builds it.
         teacher: frozen causal LM with the same token ids (``None`` = hard labels only).
         loss: the chunked KD loss (``conf/loss``).
         optimizer: ``partial`` taking the parameters (``conf/optim``).
@@ -41,7 +46,7 @@ class DistillTask(L.LightningModule):
 
     def __init__(
         self,
-        student: nn.Module,
+        student: nn.Module | StudentFactory,
         teacher: nn.Module | None,
         loss: KDLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
@@ -49,7 +54,9 @@ class DistillTask(L.LightningModule):
         kd_vocab_size: int,
     ) -> None:
         super().__init__()
-        self.student = student
+        self.student: nn.Module | None = student if isinstance(student, nn.Module) else None
+        self._student_factory = None if isinstance(student, nn.Module) else student
+        self.student_build = "given" if self.student is not None else "pending"
         self._teacher = (teacher,)
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -62,9 +69,13 @@ class DistillTask(L.LightningModule):
         return self._teacher[0]
 
     def configure_model(self) -> None:
-        """FSDP2 (``trainer=fsdp``): shard the student, layer by layer; other strategies leave it as is."""
-        if self.device_mesh is not None:
-            fully_shard_decoder(self.student, self.device_mesh["data_parallel"])
+        """Build the student from its factory (once); FSDP2 (``trainer=fsdp``) shards it layer by layer."""
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        if self.student is None:
+            assert self._student_factory is not None
+            self.student, self.student_build = build_student(self._student_factory, self.trainer, mesh)
+        elif mesh is not None:
+            fully_shard_decoder(self.student, mesh)
 
     def on_fit_start(self) -> None:
         self._place_teacher()

@@ -3,7 +3,8 @@
 ``python train.py recipe=distill '+callbacks=[{_target_: autoglm_train.tasks.recompute.ActivationCheckpointing}]'``
 
 It switches on transformers' own gradient checkpointing (non-reentrant, so it composes with DDP, DeepSpeed and
-FSDP2) for every Hugging Face model in the task's module tree, before the strategy wraps the model. The frozen
+FSDP2) for every Hugging Face model in the task's module tree when fit starts: after ``configure_model``, where
+the distill task builds its student, and before the first step. The frozen
 teacher is outside that tree and runs under ``no_grad`` anyway. ``python -m autoglm_train.plan`` shows when it is
 needed (the 9B student at 4k tokens: ~28 GB of activations per sequence without, ~4 GB with).
 """
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class ActivationCheckpointing(L.Callback):
     """Enable transformers' activation checkpointing (``use_reentrant=False``) on the task's Hugging Face models."""
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from transformers import PreTrainedModel
 
         enabled = []

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
@@ -134,6 +135,26 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
             model_parameters=[],
             dist_init_required=False,
         )
+
+    def teardown(self) -> None:
+        super().teardown()
+        restore_functional_linear()
+
+
+def restore_functional_linear() -> None:
+    """Undo ZeRO-3's process-wide swap of ``torch.nn.functional.linear``.
+
+    ZeRO-3 replaces it with a memory-efficient autograd function ("this will persist unless manually reset") that
+    transposes the weight itself; torchao's int8 weights refuse that transpose, so the int8 form of the student
+    (``quant.ptq``) failed after any ZeRO-3 run in the same process.
+    """
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+    except ImportError:
+        return
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 class FSDP2Strategy(_MarksCompleteCheckpoints, ModelParallelStrategy):
