@@ -13,6 +13,7 @@ from torch import nn
 from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
 from autoglm_train.tasks.student_build import StudentFactory, build_student
+from autoglm_train.tasks.throughput import distill_step_flops
 from autoglm_train.utils.sharded_checkpoint import assert_student_only
 
 
@@ -122,6 +123,12 @@ class DistillTask(L.LightningModule):
             student_hidden,
             teacher_hidden,
         )
+
+    def step_flops(self, batch: dict[str, torch.Tensor]) -> int:
+        """Model FLOPs of one training step on this device, for :class:`~autoglm_train.tasks.throughput.Throughput`."""
+        teacher = None if cached_teacher_topk(batch) is not None else self.teacher
+        batch_size, seq_len = batch["input_ids"].shape
+        return distill_step_flops(self.student, teacher, batch_size, seq_len)
 
     # --- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
