@@ -151,4 +151,5 @@ _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.floa
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{device.type}, {threads} thread{'s' if threads > 1 else ''}"
