@@ -16,8 +16,9 @@ What is counted, per GPU:
   for the step) and two decoder layers (current + prefetched), in fp32.
 * **Teacher**: the frozen teacher's weights on every rank (it is not a submodule of the task, so no strategy shards
   it): bf16 2 B/param; int8 (bitsandbytes) 1 B/param for Linear weights, embeddings and lm_head stay bf16.
-  ``sharded`` = ZeRO-3-inference partitioning (weights / N + the largest layer gathered) for reference: not wired
-  into the recipes yet.
+  ``sharded`` (``--teacher-placement sharded``) = ``teacher.shard=true``, which only ZeRO-3 offers: DeepSpeed
+  ZeRO-3 inference partitions the teacher too (weights / N + the largest layer gathered); other strategies keep
+  it replicated.
 * **Activations** of the student for backward, bf16, SDPA/flash attention (no T x T scores kept), per token per
   decoder layer: RMSNorm in + out (2h) + q, k, v (h + 2 h_kv) + attention output (h) for attention; RMSNorm in +
   out (2h) + gate_up (2f) + SiLU(gate) (f) + product (f) for the MLP: **2 bytes x (6h + 2 h_kv + 4f)**. With
@@ -268,7 +269,7 @@ def model_states(strategy: str, s: Shape, n_gpus: int, gpus_per_node: int) -> tu
 
 
 def teacher_bytes(t: Shape, dtype: str, placement: str, n_gpus: int) -> float:
-    """The frozen teacher's weights per GPU: ``replicated`` (what runs today) or ZeRO-3-inference ``sharded``."""
+    """The frozen teacher's weights per GPU: ``replicated`` or ZeRO-3-inference ``sharded`` (``teacher.shard``)."""
     if dtype == "bf16":
         full = 2.0 * t.params
     elif dtype == "int8":
@@ -277,6 +278,8 @@ def teacher_bytes(t: Shape, dtype: str, placement: str, n_gpus: int) -> float:
         raise ValueError(f"teacher dtype {dtype!r}: bf16 | int8")
     if placement == "replicated":
         return full
+    if dtype == "int8":
+        raise ValueError("a sharded teacher cannot be int8: DeepSpeed does not partition bitsandbytes weights")
     return full / n_gpus + 2.0 * t.largest_layer
 
 
@@ -304,6 +307,7 @@ class Row:
     teacher: float
     activations: float
     checkpointing: bool
+    teacher_sharded: bool = False
 
     @property
     def total(self) -> float:
@@ -321,13 +325,13 @@ def plan_rows(
     teacher_placement: str,
 ) -> list[Row]:
     rows = []
-    tb = teacher_bytes(t, teacher_dtype, teacher_placement, n_gpus) if t is not None else 0.0
     for strategy in STRATEGIES:
+        sharded = teacher_placement == "sharded" and strategy.startswith("deepspeed_zero3")  # teacher.shard: ZeRO-3
+        tb = teacher_bytes(t, teacher_dtype, "sharded" if sharded else "replicated", n_gpus) if t is not None else 0.0
         states, host = model_states(strategy, s, n_gpus, gpus_per_node)
         for ckpt in (False, True):
-            rows.append(
-                Row(strategy, n_gpus, states, host, tb, activation_bytes(s, t, micro_batch, seq_len, ckpt), ckpt)
-            )
+            activations = activation_bytes(s, t, micro_batch, seq_len, ckpt)
+            rows.append(Row(strategy, n_gpus, states, host, tb, activations, ckpt, sharded))
     return rows
 
 
@@ -411,7 +415,8 @@ def render(
             f"- {n} GPUs: **{r.strategy}{ckpt}**, {_gb(r.total)} GB/GPU: `python train.py recipe=distill"
             f" model=autoglm_phone_9b {TRAINER_CONFIG[r.strategy]} trainer.devices={min(n, gpus_per_node)}"
             f" trainer.num_nodes={nodes} data.batch_size={micro_batch} data.seq_len={seq_len} teacher=hf"
-            f" teacher.path=...{CHECKPOINTING_OVERRIDE if r.checkpointing else ''}`"
+            f" teacher.path=...{' teacher.shard=true' if r.teacher_sharded else ''}"
+            f"{CHECKPOINTING_OVERRIDE if r.checkpointing else ''}`"
         )
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
 from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, cache_dir_for
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
+from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
 from autoglm_train.quant.callback import QATStartCallback
@@ -41,6 +42,11 @@ def run(cfg: DictConfig) -> dict:
 
     # 1. Tokenizer and vocabulary preflight (cheap; fails before the teacher is loaded).
     teacher_spec = instantiate(cfg.teacher)
+    if teacher_spec.shard and not getattr(trainer.strategy, "zero_stage_3", False):
+        raise ConfigValueError(
+            "teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3 "
+            f"(this run: {_strategy_name(trainer)})"
+        )
     teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
     base_vocab = len(teacher_tokenizer)
     own = cfg.recipe.student_tokenizer
@@ -99,6 +105,7 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.optim.optimizer),
         instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         plan.kd_vocab_size,
+        shard_teacher=teacher_spec.shard,
     )
     ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg), formats={checkpoint_format(trainer)})
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
@@ -144,6 +151,15 @@ def run(cfg: DictConfig) -> dict:
         summary.get("val/teacher_top1_agreement", float("nan")),
     )
     return summary
+
+
+def _strategy_name(trainer: L.Trainer) -> str:
+    """``DDPStrategy``, ``DeepSpeedStrategy (ZeRO stage 2)``, ...: for error messages."""
+    name = type(trainer.strategy).__name__
+    config = getattr(trainer.strategy, "config", None)
+    if isinstance(config, dict) and "zero_optimization" in config:
+        name += f" (ZeRO stage {config['zero_optimization'].get('stage')})"
+    return name
 
 
 def _load_tokenizer(path: str):

@@ -45,7 +45,10 @@ class PlacementProbe(L.Callback):
                 "teacher_in_optimizer": any(id(p) in teacher_ids for p in opt_params),
                 "teacher_ds_partitioned": any(hasattr(p, "ds_id") for p in teacher_params),
                 "teacher_dtensor": any(type(p.data).__name__ == "DTensor" for p in teacher_params),
-                "teacher_numel": sum(p.numel() for p in teacher_params),
+                "teacher_numel": sum(getattr(p, "ds_numel", p.numel()) for p in teacher_params),
+                "teacher_local_numel": sum(
+                    p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in teacher_params
+                ),
                 "teacher_requires_grad": any(p.requires_grad for p in teacher_params),
                 "state_dict_keys_outside_student": [k for k in pl_module.state_dict() if not k.startswith("student.")],
             }

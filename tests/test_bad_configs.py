@@ -66,6 +66,16 @@ CASES = {
         lambda t, tok: _distill(t, "trainer.precision=16-mixed"),
         "error: trainer.precision=16-mixed cannot run on CPU (torch CPU autocast silently runs it as bf16)",
     ),
+    "teacher sharded without ZeRO-3": (
+        lambda t, tok: _distill(t, "teacher.shard=true"),
+        "error: teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3"
+        " (this run: SingleDeviceStrategy)",
+    ),
+    "teacher sharded and int8": (
+        lambda t, tok: _distill(t, "teacher.shard=true", "teacher.load_in_8bit=true"),
+        "error: teacher.shard=true with teacher.load_in_8bit=true: DeepSpeed cannot partition bitsandbytes int8"
+        " weights; pick one",
+    ),
     "not a precision": (
         lambda t, tok: _distill(t, "trainer.precision=fp8"),
         "error: trainer.precision=fp8 is not a Lightning precision",

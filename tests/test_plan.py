@@ -146,3 +146,14 @@ def test_cli_prints_the_table_in_seconds(capsys):
     assert "9,399,951,360" in text and "| 16 | deepspeed_zero3 |" in text
     assert "trainer=deepspeed_zero2" in text and "trainer.num_nodes=2" in text
     assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_a_sharded_teacher_is_a_zero3_option_only(student):
+    """``--teacher-placement sharded`` is ``teacher.shard=true``: ZeRO-3 rows shard it, the others keep it whole."""
+    teacher = plan.teacher_shape("glm4-9b")
+    rows = {r.strategy: r for r in plan.plan_rows(student, teacher, 8, 8, 1, 4096, "bf16", "sharded")}
+    assert rows["ddp"].teacher == rows["fsdp"].teacher == 2.0 * teacher.params and not rows["ddp"].teacher_sharded
+    assert rows["deepspeed_zero3"].teacher == 2.0 * teacher.params / 8 + 2.0 * teacher.largest_layer
+    assert rows["deepspeed_zero3"].teacher_sharded and rows["deepspeed_zero3_offload"].teacher_sharded
+    with pytest.raises(ValueError, match="cannot be int8"):
+        plan.teacher_bytes(teacher, "int8", "sharded", 8)

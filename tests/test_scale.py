@@ -97,8 +97,9 @@ def _probe(root: Path) -> tuple[list[dict], dict[tuple[int, int], float]]:
     return starts, losses
 
 
-def _check_placement(starts: list[dict], trainer: str) -> None:
-    """The teacher on every rank: whole, on the rank's device, frozen, outside the wrapper/optimizer/state."""
+def _check_placement(starts: list[dict], trainer: str, teacher_sharded: bool = False) -> None:
+    """The teacher on every rank: whole (or 1/2 of it, ``teacher.shard``), on the rank's device, frozen, outside the
+    wrapper/optimizer/state."""
     assert sorted(r["rank"] for r in starts) == [0, 1]
     for r in starts:
         assert r["world_size"] == 2
@@ -107,8 +108,12 @@ def _check_placement(starts: list[dict], trainer: str) -> None:
         assert r["teacher_devices"] == [r["student_device"]], r
         assert not r["teacher_in_task_modules"] and not r["teacher_in_wrapper_params"], r
         assert not r["teacher_in_optimizer"] and not r["teacher_requires_grad"], r
-        assert not r["teacher_ds_partitioned"] and not r["teacher_dtensor"], r  # never sharded
-        assert r["teacher_numel"] == 134_515_008, r  # the full SmolLM2-135M on each rank
+        assert r["teacher_ds_partitioned"] == teacher_sharded and not r["teacher_dtensor"], r
+        assert r["teacher_numel"] == 134_515_008, r  # SmolLM2-135M
+        if teacher_sharded:  # ZeRO-3 keeps 1/2 of each weight per rank (rounded up per tensor)
+            assert r["teacher_local_numel"] <= 134_515_008 // 2 + 1_000, r
+        else:  # the full teacher on each rank
+            assert r["teacher_local_numel"] == 134_515_008, r
         assert r["state_dict_keys_outside_student"] == [], r
     if trainer == "fsdp":
         assert all(r["student_class"].startswith("FSDP") for r in starts)  # only the student is wrapped
@@ -195,6 +200,21 @@ def test_zero3_builds_the_student_partitioned_and_trains_the_ddp_student(tmp_pat
     assert summary["ptq/weight_bytes_ratio"] < 0.5 and summary["ptq/top1_agreement_with_float"] > 0.5, summary
     assert (out / "student_int8").is_dir()
     _check_conversion(tmp_path, 4)
+
+
+@needs_deepspeed
+def test_zero3_shards_the_teacher_and_trains_the_ddp_student(tmp_path, corpus, ddp_run):
+    """``teacher.shard=true``: each rank holds half the teacher, gathered layer by layer; the same losses as DDP."""
+    _check_ran(_launch(tmp_path, corpus, "deepspeed_zero3", steps=4, extra=("teacher.shard=true",)))
+    starts, losses = _probe(tmp_path)
+    _check_placement(starts, "deepspeed_zero3", teacher_sharded=True)
+    _, ddp_losses = _probe(ddp_run)
+    for key, loss in ddp_losses.items():
+        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
+    _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
+    summary = json.loads((tmp_path / "outputs" / "t" / "run_summary.json").read_text())
+    ddp_summary = json.loads((ddp_run / "outputs" / "t" / "run_summary.json").read_text())
+    assert abs(summary["val/kl_to_teacher"] - ddp_summary["val/kl_to_teacher"]) < 1e-4  # the teacher ran in val too
 
 
 @pytest.mark.slow

@@ -36,6 +36,10 @@ class TeacherSpec:
     """float32 | bfloat16 | float16 — the teacher's weights and forward dtype."""
     load_in_8bit: bool = False
     """bitsandbytes int8 weights (LLM.int8): ~4x less memory than fp32."""
+    shard: bool = False
+    """Under ``trainer=deepspeed_zero3``: partition the frozen teacher over the ranks like the student (DeepSpeed
+    ZeRO-3 inference), each layer gathered while it runs. 1/N of its weights per GPU, for two all-gathers' worth of
+    traffic per step; a replicated teacher (the default) costs no communication."""
     trust_remote_code: bool = False
     """Run a hub model's own Python code; off unless you trust the repository."""
     revision: str | None = None
@@ -45,6 +49,11 @@ class TeacherSpec:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigValueError(f"teacher.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.shard and self.load_in_8bit:
+            raise ConfigValueError(
+                "teacher.shard=true with teacher.load_in_8bit=true: DeepSpeed cannot partition bitsandbytes int8 "
+                "weights; pick one"
+            )
         local = self.resolved_path()
         looks_local = local is not None or self.path.startswith(("/", ".", "~")) or self.path.endswith(".gguf")
         if looks_local and (local is None or not local.exists()):

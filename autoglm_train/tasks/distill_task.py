@@ -43,6 +43,8 @@ class DistillTask(L.LightningModule):
         optimizer: ``partial`` taking the parameters (``conf/optim``).
         scheduler: ``partial`` taking the optimizer and ``num_training_steps``, or None.
         kd_vocab_size: leading vocab columns shared by teacher and student.
+        shard_teacher: under ZeRO-3, partition the teacher over the ranks too (``teacher.shard``); it stays outside
+            the module tree, its engine is held like the teacher itself.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class DistillTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None,
         kd_vocab_size: int,
+        shard_teacher: bool = False,
     ) -> None:
         super().__init__()
         self.student: nn.Module | None = student if isinstance(student, nn.Module) else None
@@ -63,6 +66,8 @@ class DistillTask(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.kd_vocab_size = kd_vocab_size
+        self.shard_teacher = shard_teacher
+        self._teacher_engine: tuple[Any, ...] = ()  # a tuple, so the engine is not registered as a submodule
         self._val: dict[str, float] = {}
 
     @property
@@ -88,6 +93,13 @@ class DistillTask(L.LightningModule):
         teacher = self.teacher
         if teacher is None or getattr(teacher, "is_loaded_in_8bit", False):
             return  # bitsandbytes int8 weights are placed at load time and refuse .to()
+        if self.shard_teacher:
+            if not self._teacher_engine:
+                shard = getattr(self._trainer.strategy, "shard_frozen_module", None)
+                if shard is None:
+                    raise ValueError(f"teacher.shard=true needs trainer=deepspeed_zero3, not {self._trainer.strategy}")
+                self._teacher_engine = (shard(teacher),)
+            return
         # The rank's compute device from the strategy: a ZeRO-3 engine built on zero.Init never calls module.to(),
         # so the module's own `device` is not always where the batches go.
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device

@@ -119,22 +119,50 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
         import deepspeed
 
         # Lightning's version (trainer.validate/test outside fit), with device_rank = local rank as above.
-        assert isinstance(self.config, dict)
-        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
-        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
-        if self.zero_stage_3:
-            config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
-            config["zero_optimization"] = self.config["zero_optimization"]
         remove_module_hooks(model)
         self.model, _, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.local_rank),
-            config=config,
+            config=self._inference_config(),
             model=model,
             optimizer=None,
             lr_scheduler=None,
             model_parameters=[],
             dist_init_required=False,
         )
+
+    def _inference_config(self) -> dict[str, Any]:
+        """Lightning's DeepSpeed config for a module without an optimizer: precision and ZeRO settings only."""
+        assert isinstance(self.config, dict)
+        config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
+        if self.zero_stage_3:
+            config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            config["zero_optimization"] = self.config["zero_optimization"]
+        return config
+
+    def shard_frozen_module(self, module: Module) -> Any:
+        """Partition a frozen module (the teacher) over the ranks as ZeRO-3 partitions the student.
+
+        Each rank keeps 1/N of its weights; DeepSpeed's hooks gather a layer's weights while it runs and free them
+        after (ZeRO-3 inference, as TRL shards its reference and teacher models). Returns the engine, which must be
+        kept alive; the module itself is called as before.
+        """
+        import deepspeed
+
+        if not self.zero_stage_3:
+            raise ValueError("teacher.shard=true needs ZeRO stage 3 (trainer=deepspeed_zero3)")
+        device_rank = self.local_rank if isinstance(self.accelerator, CPUAccelerator) else self.root_device.index
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank),
+            config=self._inference_config(),
+            model=module,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+        module.eval()
+        return engine
 
     def teardown(self) -> None:
         super().teardown()
