@@ -30,7 +30,8 @@ class DistillTask(L.LightningModule):
     parameter; the task moves it to the student's device itself. Under every strategy
     (``conf/trainer``) that means: DDP wraps only the task's modules; DeepSpeed's engine sees
     only ``self.parameters()`` (ZeRO-3 partitions the student alone); FSDP2 shards
-    ``self.student`` in :meth:`configure_model`; each rank runs a full teacher on its device.
+    ``self.student`` in :meth:`configure_model`; each rank runs a full teacher on its device, unless
+    ``shard_teacher`` gives the teacher a ZeRO-3 inference engine of its own (1/N of it per rank).
 
     Given a factory instead of a module, the task builds the student in :meth:`configure_model`, inside the
     strategy's contexts, so ZeRO-3 and FSDP2 never hold it whole on every rank
