@@ -140,6 +140,22 @@ def _check_conversion(root: Path, step: int) -> None:
     _assert_same(load_file(str(converted / "model.safetensors")), _student(root), atol=0.0)
 
 
+def _check_trains_the_ddp_student(root: Path, ddp_run: Path, trainer: str, teacher_sharded: bool = False) -> None:
+    """The run at ``root``: placement as its strategy promises, and DDP's losses and student (same seed, data and
+    global batch)."""
+    starts, losses = _probe(root)
+    _check_placement(starts, trainer, teacher_sharded)
+    _assert_ddp_losses(losses, ddp_run)
+    _assert_same(_student(root), _student(ddp_run), atol=1e-5)
+
+
+def _assert_ddp_losses(losses: dict[tuple[int, int], float], ddp_run: Path) -> None:
+    """Every (rank, step) loss of the 4-step DDP reference run, within 1e-4."""
+    _, ddp_losses = _probe(ddp_run)
+    for key, loss in ddp_losses.items():
+        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return _corpus(tmp_path_factory.mktemp("corpus"))
@@ -173,12 +189,7 @@ def test_ddp_two_processes_distill(ddp_run):
 @needs_deepspeed
 def test_zero2_two_processes_trains_the_ddp_student_and_converts(tmp_path, corpus, ddp_run):
     _check_ran(_launch(tmp_path, corpus, "deepspeed_zero2", steps=4))
-    starts, losses = _probe(tmp_path)
-    _check_placement(starts, "deepspeed_zero2")
-    _, ddp_losses = _probe(ddp_run)
-    for key, loss in ddp_losses.items():
-        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
-    _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
+    _check_trains_the_ddp_student(tmp_path, ddp_run, "deepspeed_zero2")
     ckpt = tmp_path / "outputs" / "t" / "checkpoints" / "step=000004.ckpt"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "latest").is_file()
     _check_conversion(tmp_path, 4)
@@ -189,12 +200,7 @@ def test_zero3_builds_the_student_partitioned_and_trains_the_ddp_student(tmp_pat
     """ZeRO-3 partitions the student while it is constructed, yet it starts from the DDP student's weights (same
     seed), trains the same steps, and its int8 form is written after training (``quant=ptq_int8``)."""
     _check_ran(_launch(tmp_path, corpus, "deepspeed_zero3", steps=4, extra=("quant=ptq_int8",)))
-    starts, losses = _probe(tmp_path)
-    _check_placement(starts, "deepspeed_zero3")
-    _, ddp_losses = _probe(ddp_run)
-    for key, loss in ddp_losses.items():
-        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
-    _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
+    _check_trains_the_ddp_student(tmp_path, ddp_run, "deepspeed_zero3")
     out = tmp_path / "outputs" / "t"
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["ptq/weight_bytes_ratio"] < 0.5 and summary["ptq/top1_agreement_with_float"] > 0.5, summary
@@ -206,12 +212,7 @@ def test_zero3_builds_the_student_partitioned_and_trains_the_ddp_student(tmp_pat
 def test_zero3_shards_the_teacher_and_trains_the_ddp_student(tmp_path, corpus, ddp_run):
     """``teacher.shard=true``: each rank holds half the teacher, gathered layer by layer; the same losses as DDP."""
     _check_ran(_launch(tmp_path, corpus, "deepspeed_zero3", steps=4, extra=("teacher.shard=true",)))
-    starts, losses = _probe(tmp_path)
-    _check_placement(starts, "deepspeed_zero3", teacher_sharded=True)
-    _, ddp_losses = _probe(ddp_run)
-    for key, loss in ddp_losses.items():
-        assert abs(losses[key] - loss) < 1e-4, (key, loss, losses[key])
-    _assert_same(_student(tmp_path), _student(ddp_run), atol=1e-5)
+    _check_trains_the_ddp_student(tmp_path, ddp_run, "deepspeed_zero3", teacher_sharded=True)
     summary = json.loads((tmp_path / "outputs" / "t" / "run_summary.json").read_text())
     ddp_summary = json.loads((ddp_run / "outputs" / "t" / "run_summary.json").read_text())
     assert abs(summary["val/kl_to_teacher"] - ddp_summary["val/kl_to_teacher"]) < 1e-4  # the teacher ran in val too
@@ -233,9 +234,7 @@ def test_sharded_save_resume_convert(tmp_path, corpus, ddp_run, trainer):
     starts, want = _probe(straight)
     _check_placement(starts, trainer)
     _check_conversion(straight, 6)
-    _, ddp_losses = _probe(ddp_run)
-    for key, loss in ddp_losses.items():  # the first 4 steps are the DDP run's (same seed, data, global batch)
-        assert abs(want[key] - loss) < 1e-4, (key, loss, want[key])
+    _assert_ddp_losses(want, ddp_run)  # the first 4 steps are the DDP run's (same seed, data, global batch)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "outputs", resumed / "outputs")

@@ -116,19 +116,25 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
         if not isinstance(self.accelerator, CPUAccelerator):
             super()._initialize_deepspeed_inference(model)
             return
-        import deepspeed
-
         # Lightning's version (trainer.validate/test outside fit), with device_rank = local rank as above.
         remove_module_hooks(model)
-        self.model, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),
+        self.model = self._inference_engine(model)
+
+    def _inference_engine(self, module: Module) -> Any:
+        """A DeepSpeed engine without an optimizer around ``module`` (Lightning's inference set-up, on any device)."""
+        import deepspeed
+
+        device_rank = self.local_rank if isinstance(self.accelerator, CPUAccelerator) else self.root_device.index
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank),
             config=self._inference_config(),
-            model=model,
+            model=module,
             optimizer=None,
             lr_scheduler=None,
             model_parameters=[],
             dist_init_required=False,
         )
+        return engine
 
     def _inference_config(self) -> dict[str, Any]:
         """Lightning's DeepSpeed config for a module without an optimizer: precision and ZeRO settings only."""
@@ -147,20 +153,9 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
         after (ZeRO-3 inference, as TRL shards its reference and teacher models). Returns the engine, which must be
         kept alive; the module itself is called as before.
         """
-        import deepspeed
-
         if not self.zero_stage_3:
             raise ValueError("teacher.shard=true needs ZeRO stage 3 (trainer=deepspeed_zero3)")
-        device_rank = self.local_rank if isinstance(self.accelerator, CPUAccelerator) else self.root_device.index
-        engine, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank),
-            config=self._inference_config(),
-            model=module,
-            optimizer=None,
-            lr_scheduler=None,
-            model_parameters=[],
-            dist_init_required=False,
-        )
+        engine = self._inference_engine(module)
         module.eval()
         return engine
 
