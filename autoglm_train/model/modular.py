@@ -86,13 +86,22 @@ class ModularLM(nn.Module):
 
     # --- forward ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, modality_inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Input embeddings with every present modality fused at its placeholders."""
+        """Input embeddings through the fusion of every built plugin (with its media, or none).
+
+        A built plugin fuses even a batch that carries none of its media: that is the path a served
+        text request takes once the plugin is loaded, so a fusion that leaks into non-placeholder
+        positions shows in text-only output (and the text-only parity check sees it).
+        """
+        modality_inputs = dict(modality_inputs or {})
+        for name in modality_inputs:
+            self.plugin(name)  # build on first use
         embeds = self.decoder.get_input_embeddings()(input_ids)
         self.last_gates = {}
-        for name, inputs in (modality_inputs or {}).items():
-            plugin = self.plugin(name)
+        for name, plugin in self.plugins.items():
+            inputs = modality_inputs.get(name)
             embeds, gates = plugin.fuse(embeds, input_ids, self.placeholder_ids[plugin.placeholder], inputs)
-            self.last_gates[name] = gates.detach()
+            if inputs is not None:
+                self.last_gates[name] = gates.detach()
         return embeds
 
     def forward(

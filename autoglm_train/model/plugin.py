@@ -41,6 +41,10 @@ class ModalityPlugin(nn.Module, ABC):
         num_tokens: feature vectors per item (= placeholder tokens per item).
     """
 
+    modality: str = ""
+    """What kind of media this plugin takes (``image``, ``audio``, or a name of its own): the server routes
+    a request's content parts by it (``image_url``, ``input_audio``, ``input_<modality>``). Empty = the name."""
+
     def __init__(self, name: str, hidden_size: int, placeholder: str, num_tokens: int) -> None:
         super().__init__()
         if num_tokens < 1:
@@ -92,18 +96,22 @@ class ModalityPlugin(nn.Module, ABC):
         return self.projector(features), self.gate(features)
 
     def fuse(
-        self, token_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, inputs: torch.Tensor
+        self, token_embeds: torch.Tensor, input_ids: torch.Tensor, placeholder_id: int, inputs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend projected features into the placeholder positions, scaled by the gate.
 
         ``embeds[p] = tok[p] + gate · (proj - tok[p])`` at placeholder positions: gate 0 keeps
         the decoder's own placeholder embedding (an exact no-op), gate 1 replaces it.
-        ``inputs`` has one row per text row that contains placeholders, in order.
-        Returns the new embeddings and the gate values.
+        ``inputs`` has one row per text row that contains placeholders, in order; ``None`` (no media
+        of this modality) leaves every position as it is. Returns the new embeddings and the gate values.
         """
         mask = input_ids == placeholder_id
         rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
         counts = mask.sum(dim=1)[rows]
+        if inputs is None:
+            if rows.numel():
+                raise ValueError(f"plugin {self.name}: '{self.placeholder}' placeholders in the text but no media")
+            return token_embeds, token_embeds.new_zeros(0)
         if rows.numel() != inputs.shape[0]:
             raise ValueError(
                 f"plugin {self.name}: {inputs.shape[0]} inputs for {rows.numel()} rows with "

@@ -42,12 +42,7 @@ def save_plugin(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     tmp.chmod(0o755)
-    meta = {
-        "_target_": plugin_target(plugin),
-        **plugin.config(),
-        "decoder_fingerprint": decoder_fingerprint,
-        **(extra or {}),
-    }
+    meta = plugin_meta(plugin, decoder_fingerprint, extra)
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     state = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE))
@@ -55,6 +50,19 @@ def save_plugin(
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def plugin_meta(
+    plugin: ModalityPlugin, decoder_fingerprint: str | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``plugin.json`` says of a plugin: how to rebuild it, its modality, and what it was trained for."""
+    return {
+        "_target_": plugin_target(plugin),
+        **plugin.config(),
+        "modality": plugin.modality or plugin.name,
+        "decoder_fingerprint": decoder_fingerprint,
+        **(extra or {}),
+    }
 
 
 def read_plugin_meta(directory: str | Path) -> dict[str, Any]:

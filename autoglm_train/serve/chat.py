@@ -51,7 +51,9 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, start: float) 
     if body.enable_thinking is not None:
         template_kwargs["enable_thinking"] = body.enable_thinking
     try:
-        text = engine.render_chat(parsed.messages, template_kwargs)
+        text = engine.render_chat(parsed.messages, template_kwargs, plugins=tuple(parsed.items))
+    except APIError:
+        raise
     except Exception as err:  # jinja errors raised by the template itself (e.g. role order)
         raise APIError(
             400, f"the chat template rejected these messages: {err}", param="messages", code="invalid_messages"
@@ -72,12 +74,10 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, start: float) 
 
 
 def _choices(engine: Engine, job: ChatJob) -> Callable[[Any], Iterator[tuple[int, Any]]]:
+    """The ``n`` choices, decoded together in the engine's running batch."""
+
     def run(cancel) -> Iterator[tuple[int, Any]]:
-        for index, params in enumerate(job.params):
-            for event in engine.stream(job.prompt, params, cancel):
-                yield index, event
-            if cancel.is_set():
-                return
+        yield from engine.stream_many([(job.prompt, params) for params in job.params], cancel)
 
     return run
 

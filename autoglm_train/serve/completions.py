@@ -83,13 +83,11 @@ def prepare_completion(state: ServerState, body: CompletionRequest, start: float
 
 
 def _choices(engine: Engine, job: CompletionJob):
+    """Every prompt's ``n`` choices (index ``prompt * n + choice``), decoded together as one batch."""
+
     def run(cancel) -> Iterator[tuple[int, Any]]:
-        for p, (prompt, choice_params) in enumerate(zip(job.prompts, job.params, strict=True)):
-            for j, params in enumerate(choice_params):
-                for event in engine.stream(prompt, params, cancel):
-                    yield p * job.n + j, event
-                if cancel.is_set():
-                    return
+        jobs = [(prompt, params) for prompt, choices in zip(job.prompts, job.params, strict=True) for params in choices]
+        yield from engine.stream_many(jobs, cancel)
 
     return run
 

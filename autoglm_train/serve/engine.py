@@ -1,9 +1,10 @@
-"""The generation engine: the bundle's decoder (+ plugins on demand) and a token loop with a KV cache.
+"""The generation engine: a decoder (+ plugins on demand), prompt rendering, and the batched loop.
 
-One model, many requests: every forward pass (a prompt's prefill or one decode step) holds a
-single lock, so concurrent generations interleave token by token on worker threads while the
-event loop stays free. A generation checks its cancel flag before every step, so a client
-that disconnects stops its generation within one token.
+An engine is built from a serving bundle (the server) or from modules already in memory
+(``recipe=add_modality``'s held-out evaluation): both then generate through the same
+:class:`~.scheduler.Scheduler`, so a plugin's held-out score and its served score come from one
+loop. Concurrent requests are decoded together; a generation checks its cancel flag before every
+token, so a client that disconnects stops its generation within one step.
 """
 
 from __future__ import annotations
@@ -11,50 +12,27 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from autoglm_train.model.decoder import MODALITY_TOKENS
+from autoglm_train.model.prompt_format import PromptFormat, render_chat
 from autoglm_train.serve.bundle import BundleInfo
-from autoglm_train.serve.detokenize import IncrementalDecoder, TextAssembler
 from autoglm_train.serve.errors import APIError
-from autoglm_train.serve.multimodal import PART_PLACEHOLDER, PluginSlot
-from autoglm_train.serve.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from autoglm_train.serve.multimodal import PluginSlot, plugin_slots
+from autoglm_train.serve.sampling import SamplingParams
+from autoglm_train.serve.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Delta", "Engine", "Prompt", "PromptScores"]
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Prompt:
-    """A tokenized prompt and the raw media items its placeholders stand for."""
-
-    ids: list[int]
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Plugin name → its preprocessed batch (one item), from :meth:`Engine.modality_inputs`."""
-    text: str | None = None
-
-
-@dataclass
-class PromptScores:
-    """Logprobs of the prompt's own tokens (the first has none: nothing precedes it)."""
-
-    logprobs: list[TokenLogprob | None]
-
-
-@dataclass
-class Delta:
-    """Output of one decode step: newly released text, the token(s) behind it, and the end when reached."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 class Engine:
@@ -64,8 +42,12 @@ class Engine:
         bundle: what :func:`read_bundle` found.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         dtype: ``auto`` (float32 on CPU, the checkpoint's dtype on GPU) or a dtype name.
-        quantize: ``"int8"`` for torchao weight-only int8 linear layers.
+        quantize: ``"int8"`` for weight-only int8 linear layers.
         max_model_len: prompt + completion bound; default the decoder's ``max_position_embeddings``.
+        max_batch: sequences decoded together at most.
+
+    Raises:
+        PluginMismatchError: a plugin of the bundle was trained against another decoder.
     """
 
     def __init__(
@@ -75,67 +57,76 @@ class Engine:
         dtype: str = "auto",
         quantize: str | None = None,
         max_model_len: int | None = None,
+        max_batch: int = 64,
     ) -> None:
         from transformers import AutoTokenizer
 
+        self.bundle = bundle
+        tokenizer = AutoTokenizer.from_pretrained(str(bundle.decoder_dir))
+        decoder, torch_dtype, quantization = _load_decoder(bundle, device, dtype, quantize)
+        check_plugin_pins(bundle, tokenizer)
+        self._attach(decoder, tokenizer, torch_dtype, max_model_len, max_batch)
+        self.quantization = quantization
+        for directory in bundle.plugin_dirs.values():
+            self.model.register_plugin_dir(directory)
+
+    @classmethod
+    def in_process(
+        cls, decoder: torch.nn.Module, tokenizer, plugins: dict[str, Any] | None = None, max_batch: int = 64
+    ) -> Engine:
+        """An engine over modules already in memory: ``plugins`` maps name → a built :class:`ModalityPlugin`.
+
+        Held-out evaluation uses this: the same prompt rendering and generation loop the server runs.
+        """
+        from autoglm_train.model.plugin_io import plugin_meta
+
+        self = cls.__new__(cls)
+        meta = {name: plugin_meta(plugin) for name, plugin in (plugins or {}).items()}
+        self.bundle = BundleInfo(root=Path("."), decoder_dir=Path("."), plugin_meta=meta, name="in-process")
+        dtype = next(decoder.parameters()).dtype
+        self._attach(decoder.eval(), tokenizer, dtype, None, max_batch)
+        self.quantization = None
+        for plugin in (plugins or {}).values():
+            self.model.add_plugin(plugin.eval())
+        return self
+
+    def _attach(self, decoder, tokenizer, dtype: torch.dtype, max_model_len: int | None, max_batch: int) -> None:
         from autoglm_train.model.modular import ModularLM
 
-        self.bundle = bundle
-        self.tokenizer = AutoTokenizer.from_pretrained(str(bundle.decoder_dir))
-        decoder, torch_dtype = self._load_decoder(device, dtype)
+        self.tokenizer = tokenizer
         # inputs go where the embeddings are (the first GPU when the decoder is split across several)
         self.device = decoder.get_input_embeddings().weight.device
         self.placement = sorted({str(p.device) for p in decoder.parameters()})
-        self.quantization = None
-        if quantize == "int8":
-            self.quantization = quantize_int8(decoder)
-        vocab = self.tokenizer.get_vocab()
+        vocab = tokenizer.get_vocab()
         self._check_plugins(vocab, decoder.config.hidden_size)
         placeholders = {
             t: vocab[t]
-            for t in {*MODALITY_TOKENS, *(m["placeholder"] for m in bundle.plugin_meta.values())}
+            for t in {*MODALITY_TOKENS, *(m["placeholder"] for m in self.bundle.plugin_meta.values())}
             if t in vocab
         }
         self.model = ModularLM(decoder, placeholders)
-        for directory in bundle.plugin_dirs.values():
-            self.model.register_plugin_dir(directory)
         self.decoder = decoder
-        self.dtype = torch_dtype
+        self.dtype = dtype
         self.lock = threading.Lock()
-        self.decode_steps = 0
-        """Decode forward passes run so far (all requests); shows that a cancelled generation stopped."""
-        self.vocab_limit = min(len(self.tokenizer), decoder.config.vocab_size)
+        self.vocab_limit = min(len(tokenizer), decoder.config.vocab_size)
         context = int(getattr(decoder.config, "max_position_embeddings", 0) or 2048)
         self.max_model_len = min(max_model_len or context, context)
         self.eos_ids = self._eos_ids()
-        self.slots = self._slots()
+        self.slots: dict[str, PluginSlot] = plugin_slots(self.bundle.plugin_meta)
+        self.formats = {
+            name: PromptFormat.from_dict(meta["prompt_format"])
+            for name, meta in self.bundle.plugin_meta.items()
+            if meta.get("prompt_format")
+        }
         self.reserved = set(placeholders)
         params = inspect.signature(decoder.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.thinking = self._template_thinks()
-
-    # --- set-up ------------------------------------------------------------------------
-    def _load_decoder(self, device: str, dtype: str) -> tuple[torch.nn.Module, torch.dtype]:
-        """The HF decoder on ``device``; ``auto`` with several GPUs splits its layers across them."""
-        from transformers import AutoModelForCausalLM
-
-        gpus = torch.cuda.device_count()
-        if device == "auto":
-            device = "cuda" if gpus else "cpu"
-        on_cpu = torch.device(device).type == "cpu"
-        if dtype == "auto":
-            config = json.loads((self.bundle.decoder_dir / "config.json").read_text())
-            saved = str(config.get("dtype") or config.get("torch_dtype"))
-            torch_dtype = torch.float32 if on_cpu else _DTYPES.get(saved, torch.bfloat16)
-        else:
-            torch_dtype = _DTYPES[dtype]
-        # device_map loads weights straight onto the GPU(s) (accelerate), never staging a copy in CPU memory
-        device_map = None if on_cpu else ("auto" if device == "cuda" and gpus > 1 else device)
-        decoder = AutoModelForCausalLM.from_pretrained(
-            str(self.bundle.decoder_dir), dtype=torch_dtype, device_map=device_map, use_safetensors=True
+        self.scheduler = Scheduler(
+            self._prefill, self._decode, _new_cache, self.lock, tokenizer, self.eos_ids, self.vocab_limit, max_batch
         )
-        return decoder.eval(), torch_dtype
 
+    # --- set-up checks ------------------------------------------------------------------
     def _check_plugins(self, vocab: dict[str, int], hidden_size: int) -> None:
         """Refuse at start-up (not at the first image) a plugin that cannot attach to this decoder."""
         for name, meta in self.bundle.plugin_meta.items():
@@ -155,15 +146,6 @@ class Engine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def _slots(self) -> dict[str, PluginSlot]:
-        """Content part type → the plugin whose placeholder it feeds."""
-        slots = {}
-        for name, meta in self.bundle.plugin_meta.items():
-            for kind, placeholder in PART_PLACEHOLDER.items():
-                if meta.get("placeholder") == placeholder:
-                    slots[kind] = PluginSlot(name, placeholder, int(meta["num_tokens"]))
-        return slots
-
     def _template_thinks(self) -> bool:
         probe = [{"role": "user", "content": "hi"}]
         try:
@@ -174,11 +156,16 @@ class Engine:
         return on != off
 
     # --- facts for logs, /health and /metrics -----------------------------------------
+    @property
+    def decode_steps(self) -> int:
+        """Batched decode forward passes run so far (all requests)."""
+        return self.scheduler.decode_steps
+
     def loaded_modules(self) -> dict[str, str | None]:
         """Module → the device it sits on, or None while a plugin is not loaded yet."""
         out: dict[str, str | None] = {"decoder": " + ".join(self.placement)}
         built = dict(self.model.plugins.items())
-        for name in self.bundle.plugin_dirs:
+        for name in self.bundle.plugin_meta:
             plugin = built.get(name)
             out[name] = str(next(plugin.parameters()).device) if plugin is not None else None
         return out
@@ -191,13 +178,19 @@ class Engine:
         lines = [
             f"text decoder: {type(self.decoder).__name__} ({params / 1e6:.1f}M params, {dtype}{quant}) "
             f"on {' + '.join(self.placement)} | context {self.max_model_len} tokens | thinking template: "
-            f"{'yes' if self.thinking else 'no'}"
+            f"{'yes' if self.thinking else 'no'} | batched decoding, up to {self.scheduler.max_batch} sequences"
         ]
         for name, meta in self.bundle.plugin_meta.items():
             kinds = [k for k, s in self.slots.items() if s.name == name]
+            fmt = self.formats.get(name)
+            trained = (
+                f"trained on {'/'.join(fmt.orders)} chat prompts, thinking {'on' if fmt.enable_thinking else 'off'}"
+                if fmt
+                else "no recorded prompt format"
+            )
             lines.append(
                 f"{name} plugin ({meta.get('_target_', '?').rsplit('.', 1)[-1]}, {meta.get('num_tokens')} x "
-                f"{meta.get('placeholder')}, serves {', '.join(kinds) or 'no content part type'}): "
+                f"{meta.get('placeholder')}, serves {', '.join(kinds) or 'no content part type'}; {trained}): "
                 f"on demand, loads onto {self.device} at first use"
             )
         if not self.bundle.plugin_meta:
@@ -207,10 +200,25 @@ class Engine:
         return lines
 
     # --- prompts ----------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
-        )
+    def render_chat(
+        self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any], plugins: tuple[str, ...] = ()
+    ) -> str:
+        """The prompt text of a chat; with media of ``plugins``, in the format those plugins were trained on.
+
+        The client's own ``enable_thinking`` / template kwargs still win over the recorded switch.
+        """
+        formats = {self.formats[name] for name in plugins if name in self.formats}
+        if len(formats) > 1:
+            raise APIError(
+                400,
+                f"the plugins {', '.join(plugins)} were trained on different prompt formats; send their media "
+                "in separate requests",
+                param="messages",
+                code="incompatible_plugins",
+            )
+        if formats:
+            return formats.pop().render(self.tokenizer, messages, template_kwargs)
+        return render_chat(self.tokenizer, None, messages, template_kwargs)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -219,56 +227,42 @@ class Engine:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # --- generation -------------------------------------------------------------------
-    @torch.inference_mode()
-    def stream(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[PromptScores | Delta]:
-        """Generate one choice: :class:`PromptScores` first when asked, then :class:`Delta` s.
+    def stream(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
+        """One choice's events: :class:`PromptScores` first when asked, then :class:`Delta` s.
 
         The last delta carries the finish reason: ``stop`` (EOS or a stop string), ``length``
         (``max_tokens``) or ``cancelled``.
         """
-        ids = torch.tensor([prompt.ids], device=self.device)
-        keep = 0 if params.prompt_logprobs is not None else 1
-        with self.lock:
-            if prompt.inputs:
-                embeds = self.model.embed(ids, prompt.inputs)
-                out = self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=keep)
-            else:
-                out = self.decoder(input_ids=ids, use_cache=True, logits_to_keep=keep)
-        if params.prompt_logprobs is not None:
-            scored = token_logprobs(out.logits[0, :-1], ids[0, 1:], params.prompt_logprobs) if ids.shape[1] > 1 else []
-            yield PromptScores([None, *scored])
-        if params.max_tokens == 0:
-            yield Delta(finish_reason="length")
-            return
-        cache = _cache_of(out)
-        logits = out.logits[0, -1]
-        del out
-        sample = Sampler(params, self.vocab_limit)
-        text = TextAssembler(IncrementalDecoder(self.tokenizer, prompt.ids), params.stop)
-        for step in range(params.max_tokens):
-            if cancel.is_set():
-                yield Delta(finish_reason="cancelled")
-                return
-            token, record = sample(logits)
-            if token in self.eos_ids and not params.ignore_eos:
-                # EOS adds no text but is a generated token: it counts and keeps its logprob
-                # (lm-eval's loglikelihood drops exactly one generated token from echoed logprobs)
-                yield Delta(text.finish(), [token], [record] if record else [], "stop")
-                return
-            piece, stopped = text.push(token)
-            yield Delta(piece, [token], [record] if record else [], "stop" if stopped else None)
-            if stopped:
-                return
-            if step + 1 == params.max_tokens:
-                break
-            with self.lock:
-                self.decode_steps += 1
-                out = self.decoder(
-                    input_ids=torch.tensor([[token]], device=self.device), use_cache=True, **{self._cache_arg: cache}
-                )
-            cache = _cache_of(out)
-            logits = out.logits[0, -1]
-        yield Delta(text.finish(), finish_reason="length")
+        for _, event in self.stream_many([(prompt, params)], cancel):
+            yield event
+
+    def stream_many(
+        self, jobs: list[tuple[Prompt, SamplingParams]], cancel: threading.Event
+    ) -> Iterator[tuple[int, Event]]:
+        """Generate every ``(prompt, params)`` in the running batch; ``(job index, event)`` as they come."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        sequences = [
+            Sequence(prompt, params, lambda event, i=i: events.put((i, event)), cancel)
+            for i, (prompt, params) in enumerate(jobs)
+        ]
+        self.scheduler.submit(sequences)
+        open_jobs = len(sequences)
+        while open_jobs:
+            index, event = events.get()
+            if isinstance(event, BaseException):
+                cancel.set()
+                raise event
+            yield index, event
+            if isinstance(event, Delta) and event.finish_reason:
+                open_jobs -= 1
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+        """Every prompt's generated token ids (EOS included when reached), batched: the evaluation's call."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        for index, event in self.stream_many([(p, params) for p in prompts], threading.Event()):
+            if isinstance(event, Delta):
+                tokens[index] += event.token_ids
+        return tokens
 
     def modality_inputs(self, items: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
         """Decoded media → each plugin's input batch; a plugin is built (weights read) at its first use.
@@ -297,6 +291,69 @@ class Engine:
             except ValueError as err:
                 raise APIError(400, str(err), param="messages", code="invalid_media") from err
         return inputs
+
+    # --- forward passes (called by the scheduler, under the lock) -------------------------
+    def _prefill(self, prompt: Prompt, all_logits: bool) -> tuple[torch.Tensor, Any]:
+        """One prompt through the decoder: every attached plugin's fusion, then the decoder with a fresh cache."""
+        ids = torch.tensor([prompt.ids], device=self.device)
+        embeds = self.model.embed(ids, prompt.inputs)
+        out = self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=0 if all_logits else 1)
+        return out.logits, _cache_of(out)
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
+        out = self.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
+        )
+        return out.logits, _cache_of(out)
+
+
+def check_plugin_pins(bundle: BundleInfo, tokenizer) -> None:
+    """Refuse a bundle whose plugin was trained against another decoder (both fingerprints in the message)."""
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.manifest import pin_decoder
+    from autoglm_train.model.plugin_io import PluginMismatchError
+
+    pinned = {name: m.get("decoder_fingerprint") for name, m in bundle.plugin_meta.items()}
+    if not any(pinned.values()):
+        return
+    current = pin_decoder(bundle.decoder_dir, placeholder_ids(tokenizer), hash_weights=False).fingerprint
+    for name, trained_for in pinned.items():
+        if trained_for and trained_for != current:
+            raise PluginMismatchError(
+                f"plugin {name} ({bundle.plugin_dirs.get(name)}) was trained against decoder {trained_for}, "
+                f"but this bundle's decoder ({bundle.decoder_dir}) is {current}; retrain it with recipe=add_modality"
+            )
+
+
+def _load_decoder(
+    bundle: BundleInfo, device: str, dtype: str, quantize: str | None
+) -> tuple[torch.nn.Module, torch.dtype, str | None]:
+    """The HF decoder on ``device`` (``auto`` with several GPUs splits its layers across them), quantized if asked."""
+    from transformers import AutoModelForCausalLM
+
+    gpus = torch.cuda.device_count()
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype == "auto":
+        config = json.loads((bundle.decoder_dir / "config.json").read_text())
+        saved = str(config.get("dtype") or config.get("torch_dtype"))
+        torch_dtype = torch.float32 if on_cpu else _DTYPES.get(saved, torch.bfloat16)
+    else:
+        torch_dtype = _DTYPES[dtype]
+    # device_map loads weights straight onto the GPU(s) (accelerate), never staging a copy in CPU memory
+    device_map = None if on_cpu else ("auto" if device == "cuda" and gpus > 1 else device)
+    decoder = AutoModelForCausalLM.from_pretrained(
+        str(bundle.decoder_dir), dtype=torch_dtype, device_map=device_map, use_safetensors=True
+    ).eval()
+    quantization = quantize_int8(decoder) if quantize == "int8" else None
+    return decoder, torch_dtype, quantization
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
 
 
 def _cache_of(out: Any) -> Any:

@@ -1,8 +1,16 @@
 """Chat content parts → template-ready text with placeholder tokens + the raw items for each plugin.
 
-``image_url`` parts must carry ``data:`` URLs (base64): the server never fetches http(s) URLs.
-``input_audio`` parts carry base64 WAV. Each part becomes ``num_tokens`` copies of its plugin's
-placeholder token at its place in the text; the decoded image/waveform goes to that plugin.
+Which part type feeds which plugin comes from what each plugin declares (its ``modality`` and
+``placeholder`` in ``plugin.json``), not from a fixed list:
+
+* ``image`` plugins take OpenAI's ``image_url`` parts, which must carry ``data:`` URLs (base64):
+  the server never fetches http(s) URLs;
+* ``audio`` plugins take OpenAI's ``input_audio`` parts (base64 WAV);
+* any other modality ``m`` takes ``{"type": "input_m", "input_m": {"data": <JSON value>}}``, an
+  OpenAI-style extension; ``data`` goes to the plugin's ``preprocess`` as one item.
+
+Each part becomes ``num_tokens`` copies of its plugin's placeholder token at its place in the text
+(joined as :func:`~autoglm_train.model.prompt_format.join_content` joins a training example).
 Every failure is an :class:`APIError` 400 naming the part (``messages[i].content[j]``).
 """
 
@@ -17,12 +25,24 @@ from typing import Any
 
 import numpy as np
 
+from autoglm_train.model.prompt_format import join_content
 from autoglm_train.serve.errors import APIError
 from autoglm_train.serve.schemas import AudioPart, ChatMessage, ImagePart, OtherPart, TextPart
 
-# Which plugin placeholder a content part type feeds, and the modality it is in words.
-PART_PLACEHOLDER = {"image_url": "<|image|>", "input_audio": "<|audio|>"}
-PART_MODALITY = {"image_url": "image", "input_audio": "audio"}
+# OpenAI's own part types for the modalities it names; every other modality m is "input_m".
+OPENAI_PARTS = {"image": "image_url", "audio": "input_audio"}
+# Plugins saved before plugin.json declared a modality: known by their placeholder.
+_LEGACY_MODALITY = {"<|image|>": "image", "<|audio|>": "audio"}
+
+
+def part_type(modality: str) -> str:
+    """The content part type a client uses to send media of ``modality``."""
+    return OPENAI_PARTS.get(modality, f"input_{modality}")
+
+
+def plugin_modality(meta: dict[str, Any]) -> str:
+    """A plugin's declared modality (``plugin.json``), or the one its placeholder implies for older plugins."""
+    return meta.get("modality") or _LEGACY_MODALITY.get(meta.get("placeholder", ""), meta.get("name", "unknown"))
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,23 @@ class PluginSlot:
     name: str
     placeholder: str
     num_tokens: int
+    modality: str = ""
+
+
+def plugin_slots(plugin_meta: dict[str, dict[str, Any]]) -> dict[str, PluginSlot]:
+    """Content part type → the plugin it feeds, from each plugin's declared modality.
+
+    Raises:
+        ValueError: two plugins declare the same modality (a request part could not be routed).
+    """
+    slots: dict[str, PluginSlot] = {}
+    for name, meta in plugin_meta.items():
+        modality = plugin_modality(meta)
+        kind = part_type(modality)
+        if kind in slots:
+            raise ValueError(f"plugins {slots[kind].name} and {name} both declare modality '{modality}'")
+        slots[kind] = PluginSlot(name, meta["placeholder"], int(meta["num_tokens"]), modality)
+    return slots
 
 
 @dataclass
@@ -66,7 +103,7 @@ def parse_messages(
             pieces = []
             for j, part in enumerate(message.content):
                 pieces.append(_part_text(part, f"{where}[{j}]", slots, reserved, parsed, max_image_pixels))
-            text = "".join(pieces)
+            text = join_content(pieces)
         # "developer" is OpenAI's newer name for "system"; chat templates only know the latter
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": text}
@@ -82,39 +119,54 @@ def _part_text(
     if isinstance(part, TextPart):
         check_reserved(part.text, reserved, f"{where}.text")
         return part.text
-    if isinstance(part, OtherPart):
-        raise APIError(
-            400,
-            f"content part type '{part.type}' is not supported; supported types: text, "
-            + ", ".join(f"{t} ({PART_MODALITY[t]})" for t in PART_PLACEHOLDER),
-            param=f"{where}.type",
-            code="unsupported_content_type",
-        )
-    kind = "image_url" if isinstance(part, ImagePart) else "input_audio"
+    kind = part.type
     slot = slots.get(kind)
     if slot is None:
-        have = ", ".join(f"{s.name} ({PART_MODALITY[t]})" for t, s in slots.items()) or "none"
+        have = ", ".join(f"{t} ({s.name} plugin, {s.modality})" for t, s in slots.items())
+        if isinstance(part, OtherPart) and not kind.startswith("input_"):
+            raise APIError(
+                400,
+                f"content part type '{kind}' is not supported; supported types: text"
+                + (f", {have}" if have else ""),
+                param=f"{where}.type",
+                code="unsupported_content_type",
+            )
+        modality = {v: k for k, v in OPENAI_PARTS.items()}.get(kind, kind.removeprefix("input_"))
         raise APIError(
             400,
-            f"this model has no {PART_MODALITY[kind]} plugin, so '{kind}' content cannot be used "
-            f"(modality '{PART_MODALITY[kind]}' missing from the bundle; plugins: {have})",
+            f"this model has no {modality} plugin, so '{kind}' content cannot be used "
+            f"(modality '{modality}' missing from the bundle; plugins: {have or 'none'})",
             param=f"{where}.type",
             code="unsupported_modality",
         )
     if parsed.items.get(slot.name):
         raise APIError(
             400,
-            f"at most one {PART_MODALITY[kind]} per request: the {slot.name} plugin fuses one item per sequence",
+            f"at most one {slot.modality} per request: the {slot.name} plugin fuses one item per sequence",
             param=where,
             code="too_many_items",
         )
     if isinstance(part, ImagePart):
         item = decode_image(part.image_url.url, f"{where}.image_url.url", max_pixels)
-    else:
-        assert isinstance(part, AudioPart)
+    elif isinstance(part, AudioPart):
         item = decode_audio(part.input_audio.data, part.input_audio.format, f"{where}.input_audio")
+    else:
+        item = decode_generic(part, where)
     parsed.items.setdefault(slot.name, []).append(item)
     return slot.placeholder * slot.num_tokens
+
+
+def decode_generic(part: OtherPart, where: str) -> Any:
+    """``{"type": "input_m", "input_m": {"data": ...}}`` → the ``data`` value, handed to the plugin as one item."""
+    payload = (part.model_extra or {}).get(part.type)
+    if not isinstance(payload, dict) or "data" not in payload:
+        raise APIError(
+            400,
+            f"a '{part.type}' part carries its item as {{\"{part.type}\": {{\"data\": ...}}}}",
+            param=f"{where}.{part.type}",
+            code="invalid_media",
+        )
+    return payload["data"]
 
 
 def check_reserved(text: str, reserved: set[str], where: str) -> None:

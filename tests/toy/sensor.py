@@ -13,6 +13,8 @@ from autoglm_train.model.plugin import ModalityPlugin
 class SensorPlugin(ModalityPlugin):
     """Encodes an ``in_dim`` vector into ``num_tokens`` feature vectors with a small MLP."""
 
+    modality = "sensor"
+
     def __init__(
         self, name: str, hidden_size: int, placeholder: str, num_tokens: int, in_dim: int = 8, width: int = 16
     ) -> None:

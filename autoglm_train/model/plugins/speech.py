@@ -41,6 +41,8 @@ class SpeechPlugin(ModalityPlugin):
         max_seconds: clips are cropped/padded to this length.
     """
 
+    modality = "audio"
+
     def __init__(
         self,
         name: str,

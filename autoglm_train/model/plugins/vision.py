@@ -46,6 +46,8 @@ class VisionPlugin(ModalityPlugin):
             trained from scratch on a few thousand images learns several times faster with it.
     """
 
+    modality = "image"
+
     def __init__(
         self,
         name: str,
