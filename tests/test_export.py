@@ -89,8 +89,11 @@ def test_bundle_holds_exactly_the_expected_files(bundle):
         "decoder/tokenizer_config.json",
         "decoder/chat_template.jinja",
         "int8/config.json",
-        "int8/int8.json",
+        "int8/generation_config.json",
         "int8/model.safetensors",
+        "int8/tokenizer.json",
+        "int8/tokenizer_config.json",
+        "int8/chat_template.jinja",
         "gguf/model-f16.gguf",
         "gguf/model-q8_0.gguf",
         "plugins/sensor/plugin.json",
@@ -118,7 +121,8 @@ def test_manifest_describes_every_module_and_form(bundle, manifest):
     forms = manifest["forms"]
     assert forms["hf"]["dtype"] == "bfloat16" and forms["hf"]["architecture"] == "GlmForCausalLM"
     assert forms["hf"]["vllm_compatible"] is True
-    assert forms["int8"]["dtype"] == "int8" and forms["int8"]["loader"] == "autoglm_train.export.int8.load_int8"
+    assert forms["int8"]["dtype"] == "int8" and forms["int8"]["format"] == "huggingface-torchao"
+    assert forms["int8"]["loader"] == "transformers.AutoModelForCausalLM.from_pretrained"
     assert (forms["gguf_f16"]["dtype"], forms["gguf_q8_0"]["dtype"]) == ("float16", "q8_0")
     assert forms["gguf_f16"]["architecture"] == "chatglm"
     assert manifest["chat_template"]["thinking"] is True
@@ -147,6 +151,7 @@ def test_every_form_matches_the_training_model(exported):
     by_form = {f.form: f for f in report.forms}
     assert by_form["hf"].max_rel_logit_diff < 5e-2
     assert by_form["int8"].max_rel_logit_diff < 1e-1
+    assert by_form["int8"].consumer == "transformers (TorchAoConfig int8)"  # parity through plain transformers
 
 
 def test_trained_prompt_continues_identically_in_every_form(exported):
@@ -225,23 +230,39 @@ def test_chat_template_switches_thinking(bundle, student_tok):
     assert len(tok) == len(student_tok)  # think tags are text, not new token ids
 
 
-def test_int8_form_loads_with_the_documented_loader(bundle, student_dir):
+def test_int8_form_loads_in_plain_transformers_and_stays_int8(bundle, student_dir):
+    """``from_pretrained(int8/)`` alone (torchao's quantization_config): int8 weights in memory, one tied vocab."""
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from autoglm_train.export.hf_dir import load_reference
     from autoglm_train.export.int8 import load_int8
+    from autoglm_train.quant.size import weight_bytes
 
     with safe_open(str(bundle / "int8/model.safetensors"), framework="pt") as f:
-        q = f.get_tensor("model.layers.0.mlp.down_proj.weight")
-        assert q.dtype == torch.int8 and f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape == (32, 1)
-    model = load_int8(bundle / "int8")
-    assert type(model).__name__ == "GlmForCausalLM"
+        assert f.get_tensor("model.layers.0.mlp.down_proj._weight_qdata").dtype == torch.int8
+        assert f.get_tensor("model.layers.0.mlp.down_proj._weight_scale").shape == (32, 1)
+        assert f.get_tensor("model.embed_tokens._weight_qdata").dtype == torch.int8
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118 - the tied head is stored once
+    config = json.loads((bundle / "int8/config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    model = AutoModelForCausalLM.from_pretrained(bundle / "int8")
+    assert type(model).__module__.startswith("transformers.models.glm.")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
+    int8 = {n for n, p in model.named_parameters() if getattr(p, "qdata", None) is not None}
+    assert "model.embed_tokens.weight" in int8 and "model.layers.1.self_attn.o_proj.weight" in int8
+    assert all(p.qdata.dtype == torch.int8 for n, p in model.named_parameters() if n in int8)
+    reference = load_reference(student_dir)
+    assert weight_bytes(model) <= 0.5 * weight_bytes(reference)
     ids = torch.tensor([[504, 2365, 6354, 16438]])
     with torch.no_grad():
-        ref = load_reference(student_dir)(input_ids=ids).logits
+        ref = reference(input_ids=ids).logits
         got = model(input_ids=ids).logits
+        again = load_int8(bundle / "int8")(input_ids=ids).logits  # the project's loader reads the same form
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.equal(got, again)
+    tok = AutoTokenizer.from_pretrained(bundle / "int8")
+    assert tok.chat_template == AutoTokenizer.from_pretrained(bundle / "decoder").chat_template
 
 
 def test_plugins_are_shipped_bit_identical_and_load(bundle, exported, sensor_dir):
@@ -269,15 +290,20 @@ def test_corrupted_edited_missing_and_extra_files_are_named(bundle, tmp_path, ca
     (copy / "gguf/model-q8_0.gguf").write_bytes(bytes(blob))
     config = json.loads((copy / "decoder/config.json").read_text())
     (copy / "decoder/config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}, indent=2))
-    (copy / "int8/int8.json").unlink()
+    (copy / "int8/generation_config.json").unlink()
     (copy / "decoder/notes.txt").write_text("hand edit")
 
     with pytest.raises(BundleIntegrityError) as err:
         check_files(copy)
     problems = dict(p.split(": ", 1) for p in err.value.problems)
-    assert set(problems) == {"gguf/model-q8_0.gguf", "decoder/config.json", "int8/int8.json", "decoder/notes.txt"}
+    assert set(problems) == {
+        "gguf/model-q8_0.gguf",
+        "decoder/config.json",
+        "int8/generation_config.json",
+        "decoder/notes.txt",
+    }
     assert "does not match" in problems["gguf/model-q8_0.gguf"]
-    assert "missing" in problems["int8/int8.json"] and "unexpected" in problems["decoder/notes.txt"]
+    assert "missing" in problems["int8/generation_config.json"] and "unexpected" in problems["decoder/notes.txt"]
 
     assert verify_main([str(copy), "--quiet"]) == 1  # checksums fail before any model is loaded
     assert "gguf/model-q8_0.gguf" in capsys.readouterr().err

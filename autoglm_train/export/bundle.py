@@ -4,7 +4,7 @@ Layout (every form optional except ``decoder/``)::
 
     <out>/manifest.json            modules, forms (dtype/quantization), sha256 of every file, versions, parity
     <out>/decoder/                 plain HF GlmForCausalLM dir + tokenizer + thinking chat template
-    <out>/int8/                    int8 weight-only safetensors (autoglm_train.export.int8.load_int8)
+    <out>/int8/                    int8 weight-only HF dir (torchao quantization_config; transformers loads it alone)
     <out>/gguf/model-f16.gguf      llama.cpp, f16
     <out>/gguf/model-q8_0.gguf     llama.cpp, q8_0
     <out>/onnx/model.onnx(.data)   onnxruntime, fp32 logits graph
@@ -126,7 +126,7 @@ def export_bundle(opts: ExportOptions):
             with steps.step("int8/ (weight-only int8 safetensors)"):
                 from autoglm_train.export.int8 import write_int8
 
-                forms["int8"] = write_int8(src, tmp / "int8")
+                forms["int8"] = write_int8(src, tmp / "int8", tokenizer_dir=tmp / "decoder")
         for qtype in opts.gguf:
             with steps.step(f"gguf/model-{qtype}.gguf (llama.cpp)"):
                 forms[f"gguf_{qtype}"] = _write_gguf(src, tmp, qtype, name, opts, steps)

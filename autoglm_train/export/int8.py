@@ -1,13 +1,22 @@
-"""The ``int8/`` form: weight-only int8 safetensors with per-output-channel scales, and its loader.
+"""The ``int8/`` form: a Hugging Face directory that transformers loads alone, weights int8 in memory.
 
-Layout of ``int8/``: ``config.json`` (the decoder's HF config), ``int8.json`` (this scheme and the
-list of quantized tensors) and ``model.safetensors`` where every 2-D weight ``W`` [out, in] is
-stored as ``<name>`` (int8) plus ``<name>_scale`` (float32 [out, 1]) with ``W ≈ q · scale``,
-``scale = max|W[row]| / 127``. Norms and biases stay float32. No pickle anywhere.
+Layout of ``int8/``: ``config.json`` (the decoder's config plus a ``quantization_config`` for
+transformers' ``TorchAoConfig``: ``Int8WeightOnlyConfig(granularity=PerRow())``, the vocabulary
+included), ``model.safetensors`` (torchao's safetensors layout: each int8 weight ``W`` as
+``<module>._weight_qdata`` int8 [out, in] + ``_weight_scale`` float32 [out, 1] + ``_weight_zero_point``,
+the tensor types in the file's metadata), and the tokenizer, chat template and generation config of the
+bundle's ``decoder/``. No pickle anywhere, no project code to read it::
 
-A consumer loads it with :func:`load_int8` (dequantizes into a stock ``GlmForCausalLM``; with
-``torchao=True`` the linear layers are then re-quantized by torchao's ``Int8WeightOnlyConfig``
-so weights stay int8 in memory). The tokenizer lives in the bundle's ``decoder/``.
+    AutoModelForCausalLM.from_pretrained("bundle/int8")   # needs torchao installed
+
+Why written here rather than with ``from_pretrained(quantization_config=TorchAoConfig(...)).save_pretrained``:
+transformers' torchao quantizer skips a tied embedding (it quantizes ``lm_head``, finds it tied, and saves the
+embedding in float32), so the vocabulary — most of a small student's weights — would stay float. Here every
+2-D weight is quantized by torchao's own config handler, one tensor at a time (memory stays at the int8
+model), the tied head is stored once as the int8 embedding, and transformers re-ties it on load.
+
+:func:`load_int8` also reads the earlier project-specific layout (``int8.json`` + ``<name>_scale``), which
+``recipe=distill``'s ``student_int8/`` still uses.
 """
 
 from __future__ import annotations
@@ -18,71 +27,142 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from autoglm_train.export.hf_dir import iter_tensors, read_config
+from autoglm_train.export.hf_dir import HF_FILES, iter_tensors, read_config
 
 INT8_META = "int8.json"
 WEIGHTS = "model.safetensors"
 SCALE_SUFFIX = "_scale"
-SCHEME = "weight-only int8, symmetric, per output channel (row), float32 scales; norms/biases float32"
+SCHEME = (
+    "weight-only int8, symmetric, per output channel (row), float32 scales (torchao Int8Tensor: "
+    "scale = max|row| / 127.5, range [-128, 127]); tied vocab head stored once; norms/biases float32"
+)
+LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
+QUANT_METHOD = "torchao"
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q int8 [out, in], scale float32 [out, 1])`` with ``weight ≈ q * scale``."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def torchao_config():
+    """The ``TorchAoConfig`` recorded in ``config.json``: weight-only per-row int8, embeddings included."""
+    from transformers import TorchAoConfig
+
+    from autoglm_train.quant.schemes import head_ptq_config
+
+    return TorchAoConfig(head_ptq_config(), include_input_output_embeddings=True, untie_embedding_weights=False)
 
 
-def write_int8(src: Path, out: Path) -> dict[str, Any]:
-    """Quantize the fp32 decoder in ``src`` into ``out``; returns the form's manifest entry."""
+def is_standard_int8(directory: str | Path) -> bool:
+    """Whether ``directory`` holds the form transformers loads alone (a torchao ``quantization_config``)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    quant = json.loads(path.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == QUANT_METHOD
+
+
+def _quantizable(config: dict[str, Any]) -> set[str]:
+    """Weight names of the ``nn.Linear``/``nn.Embedding`` modules, read from the model built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)}
+
+
+def _quantize_weight(weight: torch.Tensor, config) -> nn.Parameter:
+    """``weight`` [out, in] as torchao quantizes an ``nn.Linear`` under ``config`` (its handler, not a copy of it)."""
+    from torchao.quantization import quantize_
+
+    with torch.device("meta"):
+        holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    holder.weight = nn.Parameter(weight, requires_grad=False)
+    quantize_(holder, config)
+    return holder.weight
+
+
+def write_int8(src: Path, out: Path, tokenizer_dir: Path | None = None) -> dict[str, Any]:
+    """Quantize the fp32 decoder in ``src`` into ``out``; returns the form's manifest entry.
+
+    Args:
+        src: the fp32 HF decoder directory training wrote.
+        out: the ``int8/`` directory to create.
+        tokenizer_dir: where the tokenizer, chat template and generation config to ship come from (the
+            bundle's ``decoder/``); None ships none (the form then loads, but has no tokenizer of its own).
+    """
     from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from transformers import AutoConfig
 
     out.mkdir(parents=True, exist_ok=True)
     config = read_config(src)
     tied = bool(config.get("tie_word_embeddings"))
+    quantizable = _quantizable(config)
+    hf_quant = torchao_config()
     state: dict[str, torch.Tensor] = {}
     quantized = []
     for name, tensor in iter_tensors(src):
         if tied and name == "lm_head.weight":
-            continue  # the tied head is the embedding; stored once
-        if tensor.ndim == 2 and tensor.is_floating_point():
-            q, scale = quantize_rows(tensor)
-            state[name], state[name + SCALE_SUFFIX] = q, scale
+            continue  # the tied head is the embedding; stored once, re-tied by transformers on load
+        if name in quantizable and tensor.is_floating_point():
+            state[name] = _quantize_weight(tensor.float(), hf_quant.quant_type)
             quantized.append(name)
         else:
             state[name] = tensor.float().contiguous()
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "quantization": "autoglm-int8"})
-    shutil.copyfile(src / "config.json", out / "config.json")
-    meta = {"format": "autoglm-int8", "version": 1, "scheme": SCHEME, "quantized": sorted(quantized)}
-    (out / INT8_META).write_text(json.dumps(meta, indent=2) + "\n")
+    tensors, metadata = flatten_tensor_state_dict(state)
+    save_file(tensors, str(out / WEIGHTS), metadata={**metadata, "format": "pt"})
+    hf_config = AutoConfig.from_pretrained(str(src))
+    hf_config.quantization_config = hf_quant
+    hf_config.save_pretrained(str(out))
+    if tokenizer_dir is not None:
+        for name in HF_FILES:
+            if name != "config.json" and (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, out / name)
     return {
         "path": out.name,
-        "format": "safetensors-int8",
+        "format": "huggingface-torchao",
         "dtype": "int8",
         "quantization": SCHEME,
-        "loader": "autoglm_train.export.int8.load_int8",
-        "tokenizer": "decoder",
+        "quantization_config": "TorchAoConfig(Int8WeightOnlyConfig(granularity=PerRow()), embeddings included)",
+        "quantized_tensors": len(quantized),
+        "loader": LOADER,
+        "requires": ["transformers", "torchao"],
+        "tokenizer": out.name if tokenizer_dir is not None else "decoder",
     }
 
 
 def load_int8(directory: str | Path, dtype: torch.dtype = torch.float32, torchao: bool = False):
-    """A ``GlmForCausalLM`` from an ``int8/`` folder, dequantized to ``dtype``.
+    """A ``GlmForCausalLM`` from an int8 folder.
+
+    The standard form (``quantization_config`` in ``config.json``) is read by transformers alone and keeps
+    its weights int8 (``dtype`` then only applies to the float tensors). The earlier ``autoglm-int8``
+    layout (``student_int8/``) is dequantized to ``dtype``.
 
     Args:
-        directory: the bundle's ``int8/`` folder.
-        dtype: the dtype weights are dequantized to (and the forward runs in).
-        torchao: re-quantize the linear layers with torchao's ``Int8WeightOnlyConfig`` (needs
-            ``pip install 'autoglm-train[quant]'``) so they are held as int8 in memory.
+        directory: the bundle's ``int8/`` folder, or a ``student_int8/`` folder.
+        dtype: float dtype of the non-int8 tensors (and, for the earlier layout, of the dequantized weights).
+        torchao: earlier layout only: re-quantize the linear layers with torchao's ``Int8WeightOnlyConfig``
+            (needs ``pip install 'autoglm-train[quant]'``) so they are held as int8 in memory.
     """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if is_standard_int8(directory):
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    return _load_autoglm_int8(directory, dtype, torchao)
+
+
+def _load_autoglm_int8(directory: Path, dtype: torch.dtype, torchao: bool):
+    """The earlier layout: ``int8.json`` + ``<name>`` int8 and ``<name>_scale``; dequantized into the model."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = Path(directory)
     meta_path = directory / INT8_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: missing; {directory} is not an int8 export")
+        raise FileNotFoundError(
+            f"{meta_path}: missing, and {directory / 'config.json'} has no torchao quantization_config; "
+            f"{directory} is not an int8 export"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != "autoglm-int8":
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not 'autoglm-int8'")

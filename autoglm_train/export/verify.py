@@ -25,7 +25,7 @@ from autoglm_train.export.progress import Steps
 # The package each form's consumer needs; a missing one skips the form with this reason.
 CONSUMERS = {
     "hf": ("transformers", "transformers"),
-    "int8": ("safetensors", "autoglm_train.export.int8.load_int8"),
+    "int8": ("torchao", "transformers + torchao"),
     "gguf_f16": ("llama_cpp", "llama-cpp-python"),
     "gguf_q8_0": ("llama_cpp", "llama-cpp-python"),
     "onnx": ("onnxruntime", "onnxruntime"),
@@ -33,6 +33,7 @@ CONSUMERS = {
 INSTALL_HINT = {
     "llama_cpp": "pip install llama-cpp-python",
     "onnxruntime": "pip install 'autoglm-train[export]'",
+    "torchao": "pip install 'autoglm-train[quant]'",
 }
 
 
@@ -159,8 +160,14 @@ def _check_form(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True)
         return compare(name, f"transformers ({entry['dtype']})", TorchRunner(model), ref, table[f"hf:{entry['dtype']}"])
     if name == "int8":
-        from autoglm_train.export.int8 import load_int8
+        from transformers import AutoModelForCausalLM
 
+        from autoglm_train.export.int8 import is_standard_int8, load_int8
+
+        if is_standard_int8(path):
+            # As a user loads it: transformers alone reads the torchao quantization_config; weights stay int8.
+            model = AutoModelForCausalLM.from_pretrained(str(path))
+            return compare(name, "transformers (TorchAoConfig int8)", TorchRunner(model), ref, table[name])
         return compare(name, "autoglm_train.export.int8.load_int8", TorchRunner(load_int8(path)), ref, table[name])
     if name == "onnx":
         return compare(name, "onnxruntime (CPU)", OnnxRunner(path), ref, table[name])

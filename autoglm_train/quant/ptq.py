@@ -74,7 +74,7 @@ def quantize_model(model: nn.Module, spec: PTQSpec | None = None) -> dict:
         dtype = embed.weight.dtype
         model.set_input_embeddings(Int8Embedding(head.weight if tied else embed.weight, dtype=dtype))
     if spec.kernel == "int8pack":
-        report["packed"] = _pack_weight_only(model)
+        report["packed"] = pack_weight_only(model)
     log.info(
         "PTQ %s: %d block linears%s, kernel %s",
         spec.scheme,
@@ -85,7 +85,20 @@ def quantize_model(model: nn.Module, spec: PTQSpec | None = None) -> dict:
     return report
 
 
-def _pack_weight_only(model: nn.Module) -> int:
+def int8_lookup_embedding(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Swap an input embedding whose weight is a torchao ``Int8Tensor`` for :class:`Int8Embedding` (row lookup).
+
+    A model loaded from the int8 form has such an embedding (tied to the head: the same Parameter);
+    torchao's embedding op dequantizes the whole [V, H] matrix per call. Returns whether it swapped.
+    """
+    embed = model.get_input_embeddings()
+    if isinstance(embed, Int8Embedding) or not hasattr(embed.weight, "qdata"):
+        return False
+    model.set_input_embeddings(Int8Embedding(embed.weight, dtype=dtype))
+    return True
+
+
+def pack_weight_only(model: nn.Module) -> int:
     """Swap every weight-only per-row int8 linear for :class:`Int8PackedLinear`; returns how many."""
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:

@@ -1,0 +1,139 @@
+"""``--quantize int8`` in the server: the device's fastest kernel, one int8 vocabulary, the export's parity.
+
+The serving test decoder (tests/serve_support.py) is exported with its standard ``int8/`` form; the
+server loads that form (or, for a bundle without one, quantizes ``decoder/`` in memory) through
+:func:`autoglm_train.serve.quantize.load_serving_decoder`, and is held to the export's int8 bound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoglm_train.serve.bundle import read_bundle
+from tests.serve_support import one_thread
+
+pytest.importorskip("torchao")
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(bundles, tmp_path_factory):
+    """The serving test decoder exported with an ``int8/`` form (no GGUF/ONNX; parity is checked below)."""
+    from autoglm_train.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("int8-serve") / "bundle"
+    opts = ExportOptions(
+        decoder=str(bundles.full / "decoder"),
+        out=str(out),
+        dtype="float32",
+        gguf=[],
+        onnx=False,
+        verify=False,
+        progress=False,
+    )
+    with one_thread():
+        return export_bundle(opts)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(int8_bundle):
+    """The fp32 decoder's answers on the export's parity prompts."""
+    from transformers import AutoTokenizer
+
+    from autoglm_train.export.parity import reference_answers
+    from autoglm_train.serve.quantize import load_serving_decoder
+
+    decoder, dtype, description = load_serving_decoder(read_bundle(int8_bundle), "cpu", "auto", None)
+    assert (dtype, description) == (torch.float32, None)
+    tokenizer = AutoTokenizer.from_pretrained(int8_bundle / "decoder")
+    with one_thread():
+        return decoder, tokenizer, reference_answers(decoder, tokenizer)
+
+
+def _serve_int8(path, dtype: str = "auto"):
+    from autoglm_train.serve.quantize import load_serving_decoder
+
+    with one_thread():
+        return load_serving_decoder(read_bundle(path), "cpu", dtype, "int8")
+
+
+def _check_int8pack_layout(decoder) -> None:
+    from torch import nn
+
+    from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
+
+    head, embed = decoder.get_output_embeddings(), decoder.get_input_embeddings()
+    assert isinstance(head, Int8PackedLinear) and isinstance(embed, Int8Embedding)
+    assert head.qdata.dtype == torch.int8
+    assert embed.weight.qdata.data_ptr() == head.qdata.data_ptr(), "the tied head and embedding must share one matrix"
+    float_linears = [n for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    assert not float_linears, f"linears left in float: {float_linears}"
+
+
+def test_cpu_int8_serves_the_standard_form_with_the_int8pack_kernel(int8_bundle, reference):
+    from autoglm_train.export.parity import TOLERANCES, TorchRunner, compare
+    from autoglm_train.quant.size import weight_bytes
+
+    fp32, _, ref = reference
+    decoder, dtype, description = _serve_int8(int8_bundle)
+    assert dtype == torch.float32
+    assert "int8pack" in description and "int8/" in description and "one int8 matrix" in description, description
+    _check_int8pack_layout(decoder)
+    ratio = weight_bytes(decoder) / weight_bytes(fp32)
+    assert ratio <= 0.5, f"int8 decoder holds {ratio:.3f}x the fp32 bytes"
+    with one_thread():
+        report = compare("int8", "load_serving_decoder", TorchRunner(decoder), ref, TOLERANCES["int8"])
+    print(f"\nserved int8 vs fp32: bytes {ratio:.3f}x, max rel logit diff {report.max_rel_logit_diff:.4f}")
+    assert report.passed, report.notes
+    assert report.greedy_identical_per_prompt[0]  # the sentence the decoder learned continues identically
+
+
+def test_a_bundle_without_int8_form_is_quantized_in_memory_to_the_same_numbers(bundles, int8_bundle):
+    """The float decoder quantized at start-up and the exported form give bit-identical logits (same scheme)."""
+    from_form, _, _ = _serve_int8(int8_bundle)
+    in_memory, _, description = _serve_int8(bundles.full)
+    assert "quantized at start-up" in description and "int8pack" in description, description
+    _check_int8pack_layout(in_memory)
+    ids = torch.tensor([[504, 2365, 6354, 16438, 42, 7]])
+    with torch.inference_mode(), one_thread():
+        assert torch.equal(from_form(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+
+
+def test_bfloat16_int8_server_on_cpu(int8_bundle, reference):
+    """dtype=bfloat16 retargets the form's int8 weights (made from fp32) to bf16 compute; logits stay close."""
+    fp32, _, ref = reference
+    decoder, dtype, _ = _serve_int8(int8_bundle, "bfloat16")
+    assert dtype == torch.bfloat16 and decoder.model.norm.weight.dtype == torch.bfloat16
+    ids = torch.tensor([ref.ids[0]])
+    with torch.inference_mode(), one_thread():
+        got = decoder(input_ids=ids).logits.float()
+        want = fp32(input_ids=ids).logits
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
+    assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))
+
+
+def test_unknown_quantization_or_dtype_is_refused(bundles):
+    from autoglm_train.serve.quantize import load_serving_decoder
+
+    info = read_bundle(bundles.text_only)
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        load_serving_decoder(info, "cpu", "auto", "int4")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        load_serving_decoder(info, "cpu", "int8", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_int8_serves_torchao_linears(int8_bundle, reference):
+    from autoglm_train.quant.int8_modules import Int8Embedding
+    from autoglm_train.serve.quantize import load_serving_decoder
+
+    fp32, _, ref = reference
+    decoder, dtype, description = load_serving_decoder(read_bundle(int8_bundle), "cuda", "bfloat16", "int8")
+    assert "torchao" in description and dtype == torch.bfloat16
+    assert isinstance(decoder.get_input_embeddings(), Int8Embedding)
+    ids = torch.tensor([ref.ids[0]], device="cuda")
+    with torch.inference_mode():
+        got = decoder(input_ids=ids).logits.float().cpu()
+        want = fp32(input_ids=ids.cpu()).logits
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()
