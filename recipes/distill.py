@@ -19,8 +19,9 @@ from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
 from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, cache_dir_for
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.errors import ConfigValueError
-from autoglm_train.model.decoder import build_decoder, count_parameters
+from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
+from autoglm_train.model.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
 from autoglm_train.quant.callback import QATStartCallback
 from autoglm_train.tasks.distill_task import DistillTask
 from autoglm_train.tasks.sharding import gathered_student
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    """Distill ``cfg.teacher`` into a fresh ``cfg.model`` student; returns the run summary."""
+    """Distill ``cfg.teacher`` into a ``cfg.model`` student (fresh or from the teacher: ``cfg.student``); returns
+    the run summary."""
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     quant = cfg.get("quant") or {}
@@ -77,11 +79,18 @@ def run(cfg: DictConfig) -> dict:
     # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
     #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
     #    QAT: it trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
+    #    student.init=teacher: the teacher's weights mapped into GLM, cut to the student's shape by measured importance.
     spec = instantiate(cfg.model)
     token_ids = (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    init = instantiate(cfg.student) if cfg.get("student") else StudentInitSpec()
+    mapped, init_summary = None, {"init": init.init}
+    if init.init == "teacher":
+        spec, mapped, init_summary = _teacher_init(cfg, trainer, teacher, spec, init, data, plan.kd_vocab_size)
 
     def make_student() -> torch.nn.Module:
         student = build_decoder(spec, *token_ids, device=None, dtype=None)
+        if mapped is not None:
+            load_mapped(student, mapped)
         if qat:
             from autoglm_train.quant.qat import prepare_qat
 
@@ -91,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
     shape = build_decoder(spec, *token_ids, device="meta")
     log.info(
         "student %s: %s params (vocab %d, KD over %d)",
-        cfg.model.name,
+        spec.name,
         f"{count_parameters(shape):,}",
         shape.config.vocab_size,
         plan.kd_vocab_size,
@@ -134,6 +143,7 @@ def run(cfg: DictConfig) -> dict:
         "recipe": "distill",
         "student_dir": str(student_dir),
         "student_params": count_parameters(final),
+        "student_init": init_summary,
         "teacher": cfg.teacher.path,
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
@@ -151,6 +161,24 @@ def run(cfg: DictConfig) -> dict:
         summary.get("val/teacher_top1_agreement", float("nan")),
     )
     return summary
+
+
+def _teacher_init(
+    cfg: DictConfig, trainer: L.Trainer, teacher, model: DecoderSpec, init: StudentInitSpec, data, vocab_rows: int
+) -> tuple[DecoderSpec, dict[str, torch.Tensor], dict]:
+    """(student shape, mapped weights, what was kept) for ``student.init=teacher``, measured on the first train
+    blocks."""
+    if getattr(trainer.strategy, "zero_stage_3", False) or cfg.teacher.get("shard", False):
+        raise ConfigValueError(
+            "student.init=teacher is not supported under trainer=deepspeed_zero3 / teacher.shard=true yet "
+            "(the mapped weights would have to be scattered into ZeRO-3 partitions); use ddp, fsdp or one device"
+        )
+    from autoglm_train.distill.importance import calibration_batches
+
+    data.setup("fit")
+    batches = calibration_batches(data.data.train, init.calibration_blocks, init.calibration_batch_size)
+    spec, mapped, sel = teacher_initialised(teacher, model, init, batches, vocab_rows)
+    return spec, mapped, {"init": "teacher", "layer_score": init.layer_score, "layers": sel.layers, **sel.scores}
 
 
 def _strategy_name(trainer: L.Trainer) -> str:
