@@ -1,12 +1,14 @@
 """recipe=add_modality: train one modality plugin against a frozen decoder; save it as its own artifact.
 
-Reads top to bottom: frozen decoder + tokenizer (pinned) → plugin → freeze (asserted) → data →
-task → fit (resumable) → decoder unchanged? → plugin artifact with manifest → held-out greedy
-evaluation of the saved artifact → text-only parity → summary.
+Reads top to bottom: frozen decoder + tokenizer (pinned) → plugin → freeze (asserted) → data (chat
+examples in the serving prompt format) → task → fit (resumable) → decoder unchanged? → plugin artifact
+with manifest and prompt format → held-out greedy evaluation of the saved artifact through the serving
+engine (each content order) → text-only parity with the plugin on the fusion path → summary.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.spec import require_data
 from autoglm_train.errors import ConfigValueError
-from autoglm_train.eval.generation import evaluate, text_only_tokens
+from autoglm_train.eval.generation import bare_decoder_tokens, evaluate, text_only_tokens
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids, state_digest
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.manifest import load_plugin_artifact, pin_decoder, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
 from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin, plugin_target
 from autoglm_train.model.registry import instantiate_plugin
+from autoglm_train.serve.engine import Engine
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.tasks.sharding import gathered_module
 from autoglm_train.tasks.summary import write_summary
@@ -52,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     decoder, tokenizer = load_decoder_dir(cfg.decoder, rc.decoder_dtype, rc.decoder_int8)
     ids = placeholder_ids(tokenizer)
     pin = pin_decoder(cfg.decoder, ids)
-    parity_before = text_only_tokens(decoder, tokenizer, list(rc.parity_prompts), rc.parity_max_new_tokens)
+    parity_before = bare_decoder_tokens(decoder, tokenizer, list(rc.parity_prompts), rc.parity_max_new_tokens)
 
     # 2. The plugin, projecting into this decoder's width; optionally starting from a saved artifact.
     plugin = _build_plugin(cfg.plugin, decoder.config.hidden_size, rc.init_plugin)
@@ -98,14 +101,19 @@ def run(cfg: DictConfig) -> dict:
         out_dir / "plugins" / plugin.name,
         pin,
         extra={"stage": rc.stage, "global_step": trainer.global_step, "data": type(data.spec.source).__name__},
+        prompt_format=data.prompt_format,
     )
 
-    # 7. Held-out evaluation by greedy generation, through the artifact as a user would load it.
-    served = ModularLM(decoder, ids)
-    served.add_plugin(load_plugin_artifact(artifact, pin))
+    # 7. Held-out evaluation by greedy generation through the serving engine, with the artifact as a user would
+    #    load it, once per trained content order; then text-only parity with the plugin built and on the fusion path.
+    engine = Engine.in_process(
+        decoder, tokenizer, {plugin.name: load_plugin_artifact(artifact, pin)}, {plugin.name: data.prompt_format}
+    )
     budget = rc.eval_max_new_tokens or data.max_answer_tokens
-    heldout = evaluate(served, data.test_dataloader(), plugin.name, tokenizer, budget)
-    parity_after = text_only_tokens(served, tokenizer, list(rc.parity_prompts), rc.parity_max_new_tokens)
+    by_order = {order: evaluate(engine, data.heldout_loader(order), plugin.name, budget) for order in data.spec.orders}
+    heldout = by_order[data.spec.orders[0]]
+    write_heldout_outputs(out_dir / "heldout_outputs.jsonl", data.heldout_items(), by_order)
+    parity_after = text_only_tokens(engine, list(rc.parity_prompts), rc.parity_max_new_tokens)
 
     summary = {
         "recipe": "add_modality",
@@ -124,7 +132,15 @@ def run(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.monotonic() - started, 1),
         "data_report": data.report_dict(),
         **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-        **{f"test/{k}": v for k, v in heldout.items() if k != "samples"},
+        "heldout_order": data.spec.orders[0],
+        "prompt_format": {k: v for k, v in data.prompt_format.to_dict().items() if k != "chat_template"},
+        **{f"test/{k}": v for k, v in heldout.items() if k not in ("samples", "outputs")},
+        **{
+            f"test/{order}/{k}": v
+            for order, result in by_order.items()
+            for k, v in result.items()
+            if k not in ("samples", "outputs")
+        },
         "samples": heldout["samples"],
     }
     write_summary(out_dir / "run_summary.json", summary)
@@ -142,8 +158,21 @@ def run(cfg: DictConfig) -> dict:
         summary["wall_time_s"],
     )
     if not summary["text_only_unchanged"]:
-        raise RuntimeError("text-only generation changed after attaching the plugin")
+        raise RuntimeError(
+            f"text-only generation through the engine with plugin {plugin.name} attached differs from the bare "
+            f"decoder's: {parity_after} vs {parity_before}; the plugin's fusion writes outside its placeholders"
+        )
     return summary
+
+
+def write_heldout_outputs(path: Path, pairs: list, by_order: dict[str, dict]) -> None:
+    """Every held-out item's reference and greedy output per content order: what the served evaluation compares."""
+    rows = []
+    for i, pair in enumerate(pairs):
+        row = {"index": i, "question": pair.question, "answer": pair.answer, "label": pair.label}
+        row.update({f"output_{order}": result["outputs"][i] for order, result in by_order.items()})
+        rows.append(json.dumps(row))
+    path.write_text("\n".join(rows) + "\n")
 
 
 def _build_plugin(plugin_cfg: DictConfig, hidden_size: int, init_plugin: str | None):

@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.digits import HandwrittenDigits
 from autoglm_train.data.multimodal.spec import PairDataSpec
-from autoglm_train.eval.generation import text_only_tokens
+from autoglm_train.eval.generation import bare_decoder_tokens, text_only_tokens
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.manifest import ARTIFACT_FILES, load_plugin_artifact, pin_decoder, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
 from autoglm_train.model.plugin_io import PluginMismatchError
+from autoglm_train.model.plugins.vision import VisionPlugin
 from autoglm_train.model.registry import instantiate_plugin, plugin_config
+from autoglm_train.serve.engine import Engine
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
 from recipes import add_modality
@@ -158,18 +160,44 @@ def test_alignment_stage_keeps_the_encoder_of_init_plugin(vision_run, decoder_di
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("projector."))
 
 
-def test_text_only_generation_is_unchanged_by_an_attached_plugin(vision_run, decoder_dir, student_tok):
-    decoder, tok = load_decoder_dir(decoder_dir)
-    prompts = ["To be, or not to be", "Seven and"]
-    before = text_only_tokens(decoder, tok, prompts, max_new_tokens=6)
-    model = ModularLM(decoder, placeholder_ids(tok))
-    pin = pin_decoder(decoder_dir, placeholder_ids(tok))
-    plugin = model.add_plugin(load_plugin_artifact(vision_run["summary"]["artifact"], pin))
+def _engine_with(plugin, decoder, tok) -> Engine:
+    engine = Engine.in_process(decoder, tok, {plugin.name: plugin})
     image = torch.randn(1, 3, 16, 16)
     ids = tok("<|image|>" * 4 + " What digit is this?", return_tensors="pt").input_ids
-    model(ids, modality_inputs={"vision": image})  # the plugin is used in between, and its gate is open
+    engine.model(ids, modality_inputs={plugin.name: image})  # the plugin is used in between, its gate open
     assert float(plugin.gate(plugin.encode(image)).abs().max()) > 0
-    assert text_only_tokens(model, tok, prompts, max_new_tokens=6) == before
+    return engine
+
+
+PARITY_PROMPTS = ["To be, or not to be", "Seven and"]
+
+
+def test_text_only_generation_through_the_engine_equals_the_bare_decoder(vision_run, decoder_dir):
+    """With the plugin built and on the fusion path, the engine's text-only greedy tokens are the bare decoder's."""
+    decoder, tok = load_decoder_dir(decoder_dir)
+    before = bare_decoder_tokens(decoder, tok, PARITY_PROMPTS, max_new_tokens=6)
+    plugin = load_plugin_artifact(vision_run["summary"]["artifact"], pin_decoder(decoder_dir, placeholder_ids(tok)))
+    engine = _engine_with(plugin, decoder, tok)
+    assert "vision" in engine.model.plugins
+    assert text_only_tokens(engine, PARITY_PROMPTS, max_new_tokens=6) == before
+
+
+class LeakyVision(VisionPlugin):
+    """A broken fusion: besides its placeholders it writes into every position (here: shifts the text by one)."""
+
+    def fuse(self, token_embeds, input_ids, placeholder_id, inputs):
+        out, gates = super().fuse(token_embeds, input_ids, placeholder_id, inputs)
+        return out.roll(1, dims=1), gates
+
+
+def test_text_only_check_fails_when_a_plugin_writes_outside_its_placeholders(vision_run, decoder_dir):
+    decoder, tok = load_decoder_dir(decoder_dir)
+    before = bare_decoder_tokens(decoder, tok, PARITY_PROMPTS, max_new_tokens=6)
+    good = load_plugin_artifact(vision_run["summary"]["artifact"], pin_decoder(decoder_dir, placeholder_ids(tok)))
+    leaky = LeakyVision(**good.config())
+    leaky.load_state_dict(good.state_dict())
+    engine = _engine_with(leaky, decoder, tok)
+    assert text_only_tokens(engine, PARITY_PROMPTS, max_new_tokens=6) != before
 
 
 def test_frozen_decoder_is_bit_identical_after_fit(decoder_dir, student_tok, tmp_path):

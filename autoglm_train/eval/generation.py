@@ -1,4 +1,9 @@
-"""Greedy generation through a ModularLM and the metrics of what it says: the held-out evaluation."""
+"""Held-out evaluation of a plugin through the serving engine, and the text-only parity check.
+
+Answers come from :class:`~autoglm_train.serve.engine.Engine` — the loop the server runs — on
+prompts rendered by the plugin's :class:`~autoglm_train.model.prompt_format.PromptFormat`, so a
+held-out score here is the score a client gets through ``/v1/chat/completions``.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,29 @@ from typing import Any
 import torch
 
 from autoglm_train.eval.text_metrics import cer, digit_accuracy, exact_match, wer
+from autoglm_train.serve.engine import Engine, Prompt
+from autoglm_train.serve.sampling import SamplingParams
+
+
+def greedy(max_new_tokens: int) -> SamplingParams:
+    """What the evaluation and the served evaluation ask for: temperature 0, a fixed budget."""
+    return SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+
+
+def batch_prompts(batch: dict[str, Any], plugin: str) -> list[Prompt]:
+    """A collated batch's left-padded prompts → one :class:`Prompt` per row with its own media item."""
+    prompts = []
+    for row, (ids, mask) in enumerate(zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)):
+        media = batch["media"][row : row + 1]
+        prompts.append(Prompt(ids=ids[mask.bool()].tolist(), inputs={plugin: media}))
+    return prompts
 
 
 @torch.no_grad()
-def generate_answers(model, batch: dict[str, Any], plugin: str, tokenizer, max_new_tokens: int) -> list[str]:
-    """Greedy answers for a batch's left-padded prompts, with the batch's media fused by ``plugin``."""
-    was_training = model.training
-    model.eval()
-    new = model.generate(
-        batch["prompt_ids"],
-        attention_mask=batch["prompt_mask"],
-        modality_inputs={plugin: batch["media"]},
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model.train(was_training)
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+def generate_answers(engine: Engine, batch: dict[str, Any], plugin: str, max_new_tokens: int) -> list[str]:
+    """Greedy answers for a batch's prompts, decoded together by the engine."""
+    tokens = engine.generate(batch_prompts(batch, plugin), greedy(max_new_tokens))
+    return [text.strip() for text in engine.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
 def score(answers: list[str], outputs: list[str], digit_labels: list[str | None]) -> dict[str, float]:
@@ -36,39 +46,55 @@ def score(answers: list[str], outputs: list[str], digit_labels: list[str | None]
     return metrics
 
 
+@torch.no_grad()
+def mean_gate(engine: Engine, plugin: str, media: torch.Tensor) -> torch.Tensor:
+    """The plugin's gate for each item of ``media`` (the value it blends its features with)."""
+    module = engine.model.plugin(plugin)
+    return module.gate(module.encode(media.to(engine.device))).float().view(-1).cpu()
+
+
 def evaluate(
-    model, batches: Iterable[dict[str, Any]], plugin: str, tokenizer, max_new_tokens: int, num_samples: int = 8
+    engine: Engine, batches: Iterable[dict[str, Any]], plugin: str, max_new_tokens: int, num_samples: int = 8
 ) -> dict[str, Any]:
-    """Greedy-generation metrics over ``batches`` plus a few (reference, output) samples and the mean gate."""
-    device = model.decoder.get_input_embeddings().weight.device
+    """Greedy-generation metrics over ``batches``, every item's output, and the mean gate."""
     answers, outputs, labels, gates = [], [], [], []
     for batch in batches:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        outputs += generate_answers(model, batch, plugin, tokenizer, max_new_tokens)
+        outputs += generate_answers(engine, batch, plugin, max_new_tokens)
         answers += batch["answers"]
         labels += batch["digit_labels"]
-        gates.append(model.last_gates[plugin].float().cpu())
+        gates.append(mean_gate(engine, plugin, batch["media"]))
     if not answers:
         raise ValueError("evaluate: no held-out items")
-    gate = torch.cat(gates)
     return {
         **score(answers, outputs, labels),
         "items": len(answers),
-        f"gate_{plugin}": float(gate.mean()),
+        f"gate_{plugin}": float(torch.cat(gates).mean()),
         "samples": [{"reference": a, "output": o} for a, o in zip(answers[:num_samples], outputs, strict=False)],
+        "outputs": outputs,
     }
 
 
 @torch.no_grad()
-def text_only_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy new tokens for text prompts (no media), one prompt at a time: the text-only parity evidence.
+def text_only_tokens(engine: Engine, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens for raw text prompts through the engine (every built plugin's fusion on the path)."""
+    encoded = [Prompt(ids=engine.encode(text, add_special_tokens=False)) for text in prompts]
+    return engine.generate(encoded, greedy(max_new_tokens))
 
-    ``model`` is a ModularLM (plugins attached or not) or the bare HF decoder.
-    """
-    device = next(model.parameters()).device
+
+@torch.no_grad()
+def bare_decoder_tokens(decoder, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The bare HF decoder's greedy tokens (transformers' own ``generate``): the reference the engine must equal."""
+    device = decoder.get_input_embeddings().weight.device
     out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append((new if hasattr(model, "plugins") else new[:, ids.shape[1] :])[0].tolist())
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        new = decoder.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out.append(new[0, ids.shape[1] :].tolist())
     return out

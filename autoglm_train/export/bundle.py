@@ -16,6 +16,7 @@ with one rename; an existing bundle is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -118,7 +119,7 @@ def export_bundle(opts: ExportOptions):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
         template = bundle_chat_template(tokenizer, Path(opts.chat_template).read_text() if opts.chat_template else None)
-        plugin_metas = _check_plugins(opts.plugins, tokenizer, config)  # before any heavy work
+        plugin_metas = _check_plugins(opts.plugins, tokenizer, config, src)  # before any heavy work
         forms: dict[str, Any] = {}
         with steps.step(f"decoder/ ({opts.dtype}, transformers)"):
             forms["hf"] = write_hf_decoder(src, tmp / "decoder", opts.dtype, template)
@@ -234,8 +235,8 @@ def _decoder_module(config: dict[str, Any], tokenizer) -> dict[str, Any]:
     }
 
 
-def _check_plugins(folders: list[str], tokenizer, config: dict[str, Any]) -> dict[Path, dict[str, Any]]:
-    """Each plugin folder's metadata, after checking the plugin fits this decoder (placeholder, width, names)."""
+def _check_plugins(folders: list[str], tokenizer, config: dict[str, Any], src: Path) -> dict[Path, dict[str, Any]]:
+    """Each plugin folder's metadata, after checking the plugin fits this decoder (pin, placeholder, width, names)."""
     from autoglm_train.model.plugin_io import WEIGHTS_FILE, read_plugin_meta
 
     metas: dict[Path, dict[str, Any]] = {}
@@ -255,8 +256,29 @@ def _check_plugins(folders: list[str], tokenizer, config: dict[str, Any]) -> dic
             )
         if not (folder / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"plugin {name}: {folder / WEIGHTS_FILE} missing")
+        _check_pin(folder, meta, tokenizer, src)
         seen[name], metas[folder] = folder, meta
     return metas
+
+
+def _check_pin(folder: Path, meta: dict[str, Any], tokenizer, src: Path) -> None:
+    """Refuse a plugin trained against another decoder: its artifact's pin (or ``plugin.json``'s fingerprint)."""
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.manifest import MANIFEST_FILE, DecoderPin, check_pin, pin_decoder
+    from autoglm_train.model.plugin_io import PluginMismatchError
+
+    current = pin_decoder(src, placeholder_ids(tokenizer))
+    try:
+        if (folder / MANIFEST_FILE).is_file():
+            trained_for = DecoderPin.from_dict(json.loads((folder / MANIFEST_FILE).read_text())["decoder"])
+            check_pin(trained_for, current, f"plugin {meta['name']} ({folder})")
+        elif meta.get("decoder_fingerprint") and meta["decoder_fingerprint"] != current.fingerprint:
+            raise PluginMismatchError(
+                f"plugin {meta['name']} ({folder}) was trained against decoder {meta['decoder_fingerprint']}, "
+                f"not --decoder {src} ({current.fingerprint}); retrain it with recipe=add_modality"
+            )
+    except PluginMismatchError as err:
+        raise BundleError(f"{err} (export refused)") from None
 
 
 def _copy_plugins(metas: dict[Path, dict[str, Any]], dest: Path) -> dict[str, dict[str, Any]]:

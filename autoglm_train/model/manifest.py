@@ -27,6 +27,7 @@ from autoglm_train.model.plugin_io import (
     plugin_target,
     save_plugin,
 )
+from autoglm_train.model.prompt_format import PromptFormat
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "autoglm-train/plugin"
@@ -141,14 +142,23 @@ def check_pin(trained_for: DecoderPin, current: DecoderPin, where: str, check_we
 
 
 def save_plugin_artifact(
-    plugin: ModalityPlugin, directory: str | Path, pin: DecoderPin, extra: dict[str, Any] | None = None
+    plugin: ModalityPlugin,
+    directory: str | Path,
+    pin: DecoderPin,
+    extra: dict[str, Any] | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> Path:
-    """Write ``plugin.json`` + ``model.safetensors`` + ``manifest.json`` into ``directory``, atomically."""
+    """Write ``plugin.json`` + ``model.safetensors`` + ``manifest.json`` into ``directory``, atomically.
+
+    ``prompt_format`` (how training rendered every example) goes into ``plugin.json``: the server renders
+    requests carrying this plugin's media with it.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        inner = save_plugin(plugin, staging / plugin.name, decoder_fingerprint=pin.fingerprint)
+        recorded = {"prompt_format": prompt_format.to_dict()} if prompt_format is not None else None
+        inner = save_plugin(plugin, staging / plugin.name, decoder_fingerprint=pin.fingerprint, extra=recorded)
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

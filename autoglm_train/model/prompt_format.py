@@ -72,7 +72,9 @@ class PromptFormat:
         kwargs = {"enable_thinking": self.enable_thinking, **(template_kwargs or {})}
         return render_chat(tokenizer, self.chat_template, messages, kwargs)
 
-    def example(self, tokenizer, question: str, media_text: str, answer: str, order: str) -> tuple[list[int], list[int]]:
+    def example(
+        self, tokenizer, question: str, media_text: str, answer: str, order: str
+    ) -> tuple[list[int], list[int]]:
         """``(prompt_ids, answer_ids)`` of one training example; ``answer_ids`` end with the end-of-turn token."""
         prompt = self.render(tokenizer, [user_turn(question, media_text, order)])
         answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
@@ -90,7 +92,10 @@ def user_turn(question: str, media_text: str, order: str) -> dict[str, str]:
     """The user message a client sends as ``[text, media]`` (``text_first``) or ``[media, text]``."""
     if order not in ORDERS:
         raise ValueError(f"content order {order!r}: expected one of {ORDERS}")
-    return {"role": "user", "content": join_content([question, media_text] if order == ORDERS[0] else [media_text, question])}
+    return {
+        "role": "user",
+        "content": join_content([question, media_text] if order == ORDERS[0] else [media_text, question]),
+    }
 
 
 def join_content(pieces: list[str]) -> str:

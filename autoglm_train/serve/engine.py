@@ -22,9 +22,9 @@ import torch
 
 from autoglm_train.model.decoder import MODALITY_TOKENS
 from autoglm_train.model.prompt_format import PromptFormat, render_chat
+from autoglm_train.serve.api_error import APIError
 from autoglm_train.serve.bundle import BundleInfo
-from autoglm_train.serve.errors import APIError
-from autoglm_train.serve.multimodal import PluginSlot, plugin_slots
+from autoglm_train.serve.routing import PluginSlot, plugin_slots
 from autoglm_train.serve.sampling import SamplingParams
 from autoglm_train.serve.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
 
@@ -72,16 +72,26 @@ class Engine:
 
     @classmethod
     def in_process(
-        cls, decoder: torch.nn.Module, tokenizer, plugins: dict[str, Any] | None = None, max_batch: int = 64
+        cls,
+        decoder: torch.nn.Module,
+        tokenizer,
+        plugins: dict[str, Any] | None = None,
+        formats: dict[str, PromptFormat] | None = None,
+        max_batch: int = 64,
     ) -> Engine:
         """An engine over modules already in memory: ``plugins`` maps name → a built :class:`ModalityPlugin`.
 
         Held-out evaluation uses this: the same prompt rendering and generation loop the server runs.
+        ``formats`` are the plugins' prompt formats (as their ``plugin.json`` records them).
         """
         from autoglm_train.model.plugin_io import plugin_meta
 
         self = cls.__new__(cls)
-        meta = {name: plugin_meta(plugin) for name, plugin in (plugins or {}).items()}
+        formats = formats or {}
+        meta = {
+            name: plugin_meta(plugin, extra={"prompt_format": formats[name].to_dict()} if name in formats else None)
+            for name, plugin in (plugins or {}).items()
+        }
         self.bundle = BundleInfo(root=Path("."), decoder_dir=Path("."), plugin_meta=meta, name="in-process")
         dtype = next(decoder.parameters()).dtype
         self._attach(decoder.eval(), tokenizer, dtype, None, max_batch)
@@ -257,11 +267,22 @@ class Engine:
                 open_jobs -= 1
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
-        """Every prompt's generated token ids (EOS included when reached), batched: the evaluation's call."""
+        """Every prompt's generated token ids (EOS included when reached), batched on the calling thread.
+
+        The evaluation's call: the scheduler's own steps, driven here instead of on its loop thread.
+        """
         tokens: list[list[int]] = [[] for _ in prompts]
-        for index, event in self.stream_many([(p, params) for p in prompts], threading.Event()):
+
+        def collect(index: int, event: Event | BaseException) -> None:
+            if isinstance(event, BaseException):
+                raise event
             if isinstance(event, Delta):
                 tokens[index] += event.token_ids
+
+        cancel = threading.Event()
+        self.scheduler.run_here(
+            [Sequence(p, params, lambda e, i=i: collect(i, e), cancel) for i, p in enumerate(prompts)]
+        )
         return tokens
 
     def modality_inputs(self, items: dict[str, list[Any]]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from autoglm_train.serve.api_error import APIError
+
+__all__ = ["APIError", "error_body", "error_response", "install_error_handlers"]
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -25,29 +29,6 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
-
-
-class APIError(Exception):
-    """An error the client should see as it is.
-
-    Args:
-        status: HTTP status.
-        message: what went wrong and, where possible, what to do instead.
-        param: the request field at fault (``messages[0].content[1].image_url.url``).
-        code: a stable machine-readable code (``context_length_exceeded``, ``invalid_api_key``).
-        headers: extra response headers (``Retry-After``).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -26,49 +26,9 @@ from typing import Any
 import numpy as np
 
 from autoglm_train.model.prompt_format import join_content
-from autoglm_train.serve.errors import APIError
+from autoglm_train.serve.api_error import APIError
+from autoglm_train.serve.routing import OPENAI_PARTS, PluginSlot
 from autoglm_train.serve.schemas import AudioPart, ChatMessage, ImagePart, OtherPart, TextPart
-
-# OpenAI's own part types for the modalities it names; every other modality m is "input_m".
-OPENAI_PARTS = {"image": "image_url", "audio": "input_audio"}
-# Plugins saved before plugin.json declared a modality: known by their placeholder.
-_LEGACY_MODALITY = {"<|image|>": "image", "<|audio|>": "audio"}
-
-
-def part_type(modality: str) -> str:
-    """The content part type a client uses to send media of ``modality``."""
-    return OPENAI_PARTS.get(modality, f"input_{modality}")
-
-
-def plugin_modality(meta: dict[str, Any]) -> str:
-    """A plugin's declared modality (``plugin.json``), or the one its placeholder implies for older plugins."""
-    return meta.get("modality") or _LEGACY_MODALITY.get(meta.get("placeholder", ""), meta.get("name", "unknown"))
-
-
-@dataclass(frozen=True)
-class PluginSlot:
-    """What the parser needs to know of a plugin without building it."""
-
-    name: str
-    placeholder: str
-    num_tokens: int
-    modality: str = ""
-
-
-def plugin_slots(plugin_meta: dict[str, dict[str, Any]]) -> dict[str, PluginSlot]:
-    """Content part type → the plugin it feeds, from each plugin's declared modality.
-
-    Raises:
-        ValueError: two plugins declare the same modality (a request part could not be routed).
-    """
-    slots: dict[str, PluginSlot] = {}
-    for name, meta in plugin_meta.items():
-        modality = plugin_modality(meta)
-        kind = part_type(modality)
-        if kind in slots:
-            raise ValueError(f"plugins {slots[kind].name} and {name} both declare modality '{modality}'")
-        slots[kind] = PluginSlot(name, meta["placeholder"], int(meta["num_tokens"]), modality)
-    return slots
 
 
 @dataclass
@@ -126,8 +86,7 @@ def _part_text(
         if isinstance(part, OtherPart) and not kind.startswith("input_"):
             raise APIError(
                 400,
-                f"content part type '{kind}' is not supported; supported types: text"
-                + (f", {have}" if have else ""),
+                f"content part type '{kind}' is not supported; supported types: text" + (f", {have}" if have else ""),
                 param=f"{where}.type",
                 code="unsupported_content_type",
             )
@@ -162,7 +121,7 @@ def decode_generic(part: OtherPart, where: str) -> Any:
     if not isinstance(payload, dict) or "data" not in payload:
         raise APIError(
             400,
-            f"a '{part.type}' part carries its item as {{\"{part.type}\": {{\"data\": ...}}}}",
+            f'a \'{part.type}\' part carries its item as {{"{part.type}": {{"data": ...}}}}',
             param=f"{where}.{part.type}",
             code="invalid_media",
         )

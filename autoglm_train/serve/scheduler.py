@@ -87,7 +87,8 @@ class Scheduler:
 
     Args:
         prefill: ``(prompt, keep_all_logits) -> (logits [1, T or 1, V], cache)`` for one prompt.
-        decode: ``(input_ids [B, 1], attention_mask [B, T+1], position_ids [B, 1], cache) -> (logits [B, 1, V], cache)``.
+        decode: ``(input_ids [B, 1], attention_mask [B, T+1], position_ids [B, 1], cache)`` →
+            ``(logits [B, 1, V], cache)``.
         new_cache: an empty cache of the decoder's kind (merged rows go into it).
         lock: held around every forward pass (plugins are built under it too).
         tokenizer: for detokenizing.
@@ -133,6 +134,21 @@ class Scheduler:
                 self._thread = threading.Thread(target=self._loop, name="generate-loop", daemon=True)
                 self._thread.start()
             self._wake.notify()
+
+    def run_here(self, sequences: list[Sequence]) -> None:
+        """Run ``sequences`` to the end on the calling thread: the same steps, no loop thread.
+
+        Evaluation inside a training process uses this, so generation stays in the caller's
+        autocast and device context; an engine serving requests uses :meth:`submit`.
+        """
+        with self._wake:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("run_here: the loop thread is serving requests; submit() instead")
+            self._waiting.extend(sequences)
+        while self._waiting or self._running:
+            room = max(0, self.max_batch - len(self._running))
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            self._step(admitted)
 
     # --- the loop ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -236,9 +252,7 @@ class Scheduler:
         parts_k: list[list[torch.Tensor]] = []
         parts_v: list[list[torch.Tensor]] = []
         masks = []
-        sources = ([] if self._cache is None else [(self._cache, self._mask)]) + [
-            (cache, None) for _, cache in joined
-        ]
+        sources = ([] if self._cache is None else [(self._cache, self._mask)]) + [(cache, None) for _, cache in joined]
         for cache, mask in sources:
             length = cache.get_seq_length()
             pad = width - length
@@ -252,9 +266,7 @@ class Scheduler:
             parts_v.append(values)
         merged = self._new_cache()
         for layer in range(len(parts_k[0])):
-            merged.update(
-                torch.cat([k[layer] for k in parts_k]), torch.cat([v[layer] for v in parts_v]), layer
-            )
+            merged.update(torch.cat([k[layer] for k in parts_k]), torch.cat([v[layer] for v in parts_v]), layer)
         self._cache, self._mask = merged, torch.cat(masks)
         self._running += [seq for seq, _ in joined]
 

@@ -20,6 +20,7 @@ from autoglm_train.data.multimodal.datamodule import IGNORE_INDEX
 from autoglm_train.eval.generation import generate_answers, score
 from autoglm_train.model.modular import ModularLM
 from autoglm_train.model.plugin_io import PluginMismatchError
+from autoglm_train.serve.engine import Engine
 from autoglm_train.tasks.distill_task import split_lm
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class PluginTask(L.LightningModule):
     # --- validation: teacher-forced loss + greedy answers ---------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {"nll": [], "tokens": [], "answers": [], "outputs": [], "labels": [], "gates": []}
+        # greedy answers come from the serving engine's loop, over the modules being trained
+        self._engine = Engine.in_process(
+            self.model.decoder, self.tokenizer, {self.plugin_name: self.model.plugins[self.plugin_name]}
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits, targets = self._answer_logits(batch)
@@ -106,7 +111,7 @@ class PluginTask(L.LightningModule):
         self._val["tokens"].append(targets.numel())
         self._val["gates"].append(self._gate().item())
         budget = self.max_new_tokens or self.trainer.datamodule.max_answer_tokens
-        outputs = generate_answers(self.model, batch, self.plugin_name, self.tokenizer, budget)
+        outputs = generate_answers(self._engine, batch, self.plugin_name, budget)
         self._val["outputs"] += outputs
         self._val["answers"] += batch["answers"]
         self._val["labels"] += batch["digit_labels"]

@@ -5,7 +5,10 @@ rejects (corrupt, empty, malformed) is skipped and counted with the plugin's rea
 training never meets a bad item. Batches carry:
 
 * ``media`` ``[B, ...]``: the plugin inputs (zero-padded along dim 0 where the plugin unpads items);
-* ``input_ids`` / ``attention_mask`` ``[B, T]``: prompt (question + media placeholders) + answer + EOS, right-padded;
+* ``input_ids`` / ``attention_mask`` ``[B, T]``: prompt + answer + end of turn, right-padded. The prompt is the
+  chat conversation a client sends (a user turn with the question and the media placeholders), rendered by
+  :class:`~autoglm_train.model.prompt_format.PromptFormat` exactly as the server renders a request; the
+  training split holds every item once per content order (text first, media first);
 * ``labels`` ``[B, T]``: the target of each position (already shifted), -100 outside the answer;
 * ``prompt_ids`` / ``prompt_mask``: the prompt only, left-padded for batched generation;
 * ``answers`` / ``digit_labels``: the reference texts (and digit labels or None) for generation metrics.
@@ -28,6 +31,7 @@ from autoglm_train.data.multimodal.pairs import Pair
 from autoglm_train.data.multimodal.report import SkipReport
 from autoglm_train.data.multimodal.spec import PairDataSpec
 from autoglm_train.model.plugin import ModalityPlugin
+from autoglm_train.model.prompt_format import ORDERS, PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,11 @@ class PairDataModule(L.LightningDataModule):
         self.spec = spec
         self.plugin = plugin
         self.tokenizer = tokenizer
+        self.prompt_format = PromptFormat.for_tokenizer(tokenizer, spec.enable_thinking, tuple(spec.orders))
+        """How every example is rendered: recorded in the plugin's artifact, used by the server."""
         self.report = SkipReport(strict=spec.strict)
         self.splits: dict[str, EncodedPairs] = {}
+        self._items: dict[str, list[tuple[Pair, torch.Tensor]]] = {}
 
     # --- building ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -81,10 +88,14 @@ class PairDataModule(L.LightningDataModule):
             return
         pairs = self.spec.source.load(self.report)
         usable = self._preprocess(pairs)
-        for name, part in split_pairs(usable, self.spec).items():
-            self.splits[name] = self._encode(part)
+        self._items = split_pairs(usable, self.spec)
+        # training sees every item in each trained content order; val/test in the first (the one evaluated)
+        self.splits = {
+            name: self._encode(part, self.prompt_format.orders if name == "train" else self.prompt_format.orders[:1])
+            for name, part in self._items.items()
+        }
         self.report.log_summary(f"data_mm ({type(self.spec.source).__name__})")
-        log.info("data_mm splits: %s", {name: len(split) for name, split in self.splits.items()})
+        log.info("data_mm splits (items): %s", {name: len(items) for name, items in self._items.items()})
         if not len(self.splits["train"]) or not len(self.splits["test"]):
             reasons = ", ".join(f"{r} x{n}" for r, n in self.report.skipped.most_common(3)) or "none"
             raise ValueError(
@@ -110,19 +121,28 @@ class PairDataModule(L.LightningDataModule):
                         self.report.skip(f"rejected by plugin {self.plugin.name}", f"{pair.where}: {err}")
         return out
 
-    def _encode(self, items: list[tuple[Pair, torch.Tensor]]) -> EncodedPairs:
-        media_tokens = self.plugin.placeholder * self.plugin.num_tokens
-        eos = self.tokenizer.eos_token_id
-        prompts = [self.spec.prompt_template.format(media=media_tokens, question=pair.question) for pair, _ in items]
-        answers = [f" {pair.answer}" for pair, _ in items]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids if items else []
-        answer_ids = self.tokenizer(answers, add_special_tokens=False).input_ids if items else []
-        return EncodedPairs(
-            media=[x for _, x in items],
-            prompt_ids=prompt_ids,
-            answer_ids=[[*ids, eos] for ids in answer_ids],
-            answers=[pair.answer for pair, _ in items],
-            digit_labels=[pair.label for pair, _ in items],
+    def _encode(self, items: list[tuple[Pair, torch.Tensor]], orders: tuple[str, ...]) -> EncodedPairs:
+        """Each item as a chat example in each of ``orders`` (order-major: all items text-first, then media-first)."""
+        media_text = self.plugin.placeholder * self.plugin.num_tokens
+        encoded = EncodedPairs([], [], [], [], [])
+        for order in orders:
+            for pair, media in items:
+                prompt_ids, answer_ids = self.prompt_format.example(
+                    self.tokenizer, pair.question, media_text, pair.answer, order
+                )
+                encoded.media.append(media)
+                encoded.prompt_ids.append(prompt_ids)
+                encoded.answer_ids.append(answer_ids)
+                encoded.answers.append(pair.answer)
+                encoded.digit_labels.append(pair.label)
+        return encoded
+
+    def heldout_loader(self, order: str) -> DataLoader:
+        """The held-out (test) split with its prompts in content order ``order``."""
+        if order not in ORDERS:
+            raise ValueError(f"content order {order!r}: expected one of {ORDERS}")
+        return DataLoader(
+            self._encode(self._items["test"], (order,)), self.spec.eval_batch_size, collate_fn=self.collate
         )
 
     # --- loaders -----------------------------------------------------------------------
@@ -173,11 +193,20 @@ class PairDataModule(L.LightningDataModule):
 
     @property
     def max_answer_tokens(self) -> int:
-        """The longest training answer in tokens (end token excluded): the default greedy generation budget."""
+        """The longest training answer in tokens (end of turn excluded): the default greedy generation budget."""
         return max((len(ids) - 1 for ids in self.splits["train"].answer_ids), default=1)
 
+    def heldout_items(self) -> list[Pair]:
+        """The held-out pairs as loaded (raw media), in the order the evaluation scores them."""
+        return [pair for pair, _ in self._items["test"]]
+
     def report_dict(self) -> dict[str, Any]:
-        return {**self.report.to_dict(), "splits": {name: len(split) for name, split in self.splits.items()}}
+        """Skips, items per split, and training examples (each item once per content order)."""
+        return {
+            **self.report.to_dict(),
+            "splits": {name: len(items) for name, items in self._items.items()},
+            "train_examples": len(self.splits["train"]),
+        }
 
 
 def left_pad(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

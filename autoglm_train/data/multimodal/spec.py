@@ -14,9 +14,10 @@ class PairDataSpec:
 
     Args:
         source: a :class:`~.pairs.PairSource` (built from the yaml's ``source._target_``).
-        prompt_template: the prompt around the media placeholders. ``{question}{media}`` puts the media
-            last, right before the answer: the answer's first token is then predicted at a position the
-            plugin controls, which a small frozen decoder needs to be steerable at all.
+        orders: the content orders of the user turn trained on: ``text_first`` (``[text, media]``, OpenAI's
+            examples) and/or ``media_first``; the held-out evaluation uses the first. Every example is a chat
+            conversation rendered by the decoder's serving chat template (``model/prompt_format.py``).
+        enable_thinking: the template's thinking switch for the examples (off: the data carries no reasoning).
         val_fraction: share of pairs for val/loss and val metrics during training.
         test_fraction: share held out for the final greedy-generation evaluation.
         batch_size: training batch size.
@@ -29,7 +30,8 @@ class PairDataSpec:
     """
 
     source: PairSource
-    prompt_template: str = "{question}{media}"
+    orders: tuple[str, ...] = ("text_first", "media_first")
+    enable_thinking: bool = False
     val_fraction: float = 0.04
     test_fraction: float = 0.1
     batch_size: int = 32
@@ -48,8 +50,11 @@ class PairDataSpec:
                 f"data_mm.val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must leave "
                 "a non-empty training split (and test_fraction > 0: the held-out evaluation needs it)"
             )
-        if "{media}" not in self.prompt_template or "{question}" not in self.prompt_template:
-            raise ValueError(f"data_mm.prompt_template={self.prompt_template!r} needs {{media}} and {{question}}")
+        from autoglm_train.model.prompt_format import ORDERS
+
+        self.orders = tuple(self.orders)
+        if not self.orders or any(order not in ORDERS for order in self.orders):
+            raise ValueError(f"data_mm.orders={list(self.orders)}: expected a non-empty list from {list(ORDERS)}")
         if self.batch_size < 1 or self.preprocess_chunk < 1:
             raise ValueError("data_mm.batch_size and data_mm.preprocess_chunk must be >= 1")
         if self.eval_batch_size is None:
