@@ -10,11 +10,20 @@ included) and the final weights must equal an uninterrupted reference run.
 
     python benchmarks/fault_inject.py --trials 6 --faults 3 --seed 0      # → benchmarks/RESULTS.md section
     python benchmarks/fault_inject.py --trials 1 --faults 1 --kinds ckpt --no-write --json out.json   # CI size
+
+``--strategy ddp deepspeed_zero2 deepspeed_zero3 fsdp`` runs the same on 2 CPU processes (gloo) per strategy, with the
+distributed faults: one rank SIGKILLed inside a step (``rank``: the survivor must exit within the collective timeout
+with a line naming the lost rank), every rank SIGKILLed inside the checkpoint writer (``ckpt``: the safetensors
+writer's points under DDP, the sharded save's under DeepSpeed/FSDP2), and SIGTERM inside a step (``sigterm``, to rank 0
+alone or to every rank: the run must finish that step, write a complete checkpoint of it and exit 143).
+
+    python benchmarks/fault_inject.py --strategy ddp deepspeed_zero2 deepspeed_zero3 fsdp --trials 4 --faults 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -32,9 +41,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("AUTOGLM_CACHE", REPO / ".cache"))
 KINDS = ("step", "ckpt", "external")
+DIST_KINDS = ("rank", "ckpt", "sigterm")
+STRATEGIES = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 # Points a kill inside the checkpoint writer can hit in this run; `old_moved_aside` needs a save over an existing
 # checkpoint of the same name, which periodic step checkpoints never do (tests/test_checkpoint_io.py covers it).
 CKPT_POINTS = ("tensors_written", "tree_written", "marker_written", "removing")
+SHARDED_CKPT_POINTS = ("shards_written", "shards_marked", "removing")
+PREEMPTED_EXIT = 143  # autoglm_train.tasks.preemption.PREEMPTED_EXIT_CODE
+LOST_RANK_EXIT = 75  # autoglm_train.tasks.preemption.LOST_RANK_EXIT_CODE
+LOST_RE = re.compile(r"error: rank (\d+) stops after step \d+: lost rank (\d+)")
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-6
 RESUME_RE = re.compile(r"resuming from (\S+)")
@@ -51,25 +66,42 @@ class Shape:
 
 @dataclass
 class Fault:
-    """One kill: at a step end, inside a checkpoint write, or from outside ``delay`` s after a step was recorded."""
+    """One kill: at a step end, inside a checkpoint write, or from outside ``delay`` s after a step was recorded;
+    distributed: one ``rank`` killed inside a step, every rank killed inside the writer, or SIGTERM inside a step (to
+    ``rank`` 0 alone, or to every rank with ``group``)."""
 
     kind: str
     step: int
     point: str | None = None
     delay: float = 0.0
+    rank: int | None = None
+    group: bool = False
 
-    def callback(self) -> str | None:
+    def callback(self, note: Path) -> str | None:
         if self.kind == "step":
             return f"{{_target_: tests.faults.KillAtStep, step: {self.step}}}"
         if self.kind == "ckpt":
-            return f"{{_target_: tests.faults.KillInCheckpointWrite, step: {self.step}, point: {self.point}}}"
+            return (
+                f"{{_target_: tests.faults.KillInCheckpointWrite, step: {self.step}, point: {self.point}, "
+                f"group: {str(self.group).lower()}}}"
+            )
+        if self.kind == "rank":
+            return (
+                f"{{_target_: tests.faults.KillAtStep, step: {self.step}, rank: {self.rank}, mid: true, note: {note}}}"
+            )
+        if self.kind == "sigterm":
+            return f"{{_target_: tests.faults.SignalAtStep, step: {self.step}, group: {str(self.group).lower()}}}"
         return None
 
     def describe(self) -> str:
         if self.kind == "step":
             return f"end of step {self.step}"
         if self.kind == "ckpt":
-            return f"ckpt write @{self.step}: {self.point}"
+            return f"ckpt write @{self.step}: {self.point}" + (" (all ranks)" if self.group else "")
+        if self.kind == "rank":
+            return f"rank {self.rank} in step {self.step}"
+        if self.kind == "sigterm":
+            return f"SIGTERM to {'all ranks' if self.group else 'rank 0'} in step {self.step}"
         return f"external, {self.delay:.2f} s after step {self.step}"
 
 
@@ -85,11 +117,15 @@ class Event:
     resumed_from: int
     first_step: int | None
     debris: list[str] = field(default_factory=list)
+    survivor_exit_s: float | None = None
+    """Distributed ``rank`` faults: seconds from the kill until the last surviving rank had exited."""
+    lost_line: str | None = None
 
 
 @dataclass
 class Trial:
     index: int
+    strategy: str | None = None
     events: list[Event] = field(default_factory=list)
     kills: int = 0
     missed: int = 0
@@ -112,9 +148,21 @@ def write_corpus(path: Path) -> Path:
     return _micro().write_micro_corpus(path)
 
 
-def overrides(root: Path, corpus: Path, shape: Shape, callbacks: list[str]) -> list[str]:
+def overrides(
+    root: Path, corpus: Path, shape: Shape, callbacks: list[str], strategy: str | None = None, timeout: float = 60
+) -> list[str]:
     """Tiny shapes (a 3M-param student) so one run takes seconds; validation mid-run included."""
+    dist = []
+    if strategy:
+        dist = [
+            f"trainer={strategy}",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32",
+            f"fault_tolerance.collective_timeout_s={timeout:g}",
+        ]
     return [
+        *dist,
         "recipe=distill",
         *_micro().MICRO_SHAPE,
         f"data.source={corpus}",
@@ -133,8 +181,8 @@ def overrides(root: Path, corpus: Path, shape: Shape, callbacks: list[str]) -> l
     ]
 
 
-def read_losses(path: Path) -> list[tuple[int, float]]:
-    """``(step, loss)`` records in order; a line torn by a kill (never seen so far) would be dropped."""
+def read_losses(path: Path) -> list[tuple[tuple[int, int], float, str]]:
+    """``((rank, step), loss, rng hash)`` records in order; a line torn by a kill (never seen so far) is dropped."""
     if not path.exists():
         return []
     rows = []
@@ -143,7 +191,7 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        rows.append((int(row["step"]), float(row["loss"])))
+        rows.append(((int(row.get("rank", 0)), int(row["step"])), float(row["loss"]), str(row.get("rng", ""))))
     return rows
 
 
@@ -170,12 +218,43 @@ def complete_checkpoints(ckpt_dir: Path) -> tuple[dict[int, Path], list[str]]:
     return complete, debris
 
 
-def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threads: int, timeout: float):
-    """One ``python train.py`` process; an external fault is delivered here. Returns (returncode, output, seconds)."""
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # members may be zombies of an exited parent that nobody reaps yet: count only processes that still run
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def run_train(
+    root: Path,
+    corpus: Path,
+    shape: Shape,
+    fault: Fault | None,
+    threads: int,
+    timeout: float,
+    strategy: str | None = None,
+    collective_timeout: float = 60,
+):
+    """One ``python train.py`` run (all its ranks, in their own process group); an external fault is delivered here.
+
+    Returns (returncode of the launching rank, output, seconds, survivor exit seconds or None).
+    """
     losses = root / "loss.jsonl"
+    note = root / "faults.jsonl"
     callbacks = [f"{{_target_: tests.faults.LossRecorder, path: {losses}}}"]
-    if fault is not None and fault.callback():
-        callbacks.append(fault.callback())
+    if fault is not None and fault.callback(note):
+        callbacks.append(fault.callback(note))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")
@@ -184,16 +263,18 @@ def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threa
     start = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "train.py", *overrides(root, corpus, shape, callbacks)],
+            [sys.executable, "train.py", *overrides(root, corpus, shape, callbacks, strategy, collective_timeout)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # its ranks share one process group: a group kill reaches them all, not us
         )
         killed_at = None
-        while proc.poll() is None:
+        while proc.poll() is None or _group_alive(proc.pid):
             if time.monotonic() - start > timeout:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise TimeoutError(f"train.py ran over {timeout:.0f} s; log: {log_path}")
             if fault is not None and fault.kind == "external":
@@ -203,7 +284,38 @@ def run_train(root: Path, corpus: Path, shape: Shape, fault: Fault | None, threa
                 if killed_at is not None and time.monotonic() >= killed_at:
                     proc.send_signal(signal.SIGKILL)
             time.sleep(0.02)
-    return proc.returncode, log_path.read_text(), time.monotonic() - start
+    ended = time.time()
+    survivor = None
+    if note.exists():  # a rank killed itself: how long the others took to notice and leave
+        fired = [json.loads(line) for line in note.read_text().splitlines() if line.strip()]
+        note.unlink()
+        if fired:
+            survivor = round(ended - fired[-1]["t"], 2)
+    return proc.returncode, log_path.read_text(), time.monotonic() - start, survivor
+
+
+def plan_dist_fault(
+    rng: random.Random, resumed: int, shape: Shape, kinds: list[str], used: Counter, strategy: str
+) -> Fault:
+    """A distributed fault in a run resuming after step ``resumed``; writer points and kinds least-used first."""
+    ckpt_steps = [s for s in range(shape.every, shape.steps + 1, shape.every) if s > resumed]
+    choices = [k for k in kinds if k != "ckpt" or ckpt_steps]
+    fewest_kind = min(used[f"kind:{k}"] for k in choices)
+    kind = rng.choice([k for k in choices if used[f"kind:{k}"] == fewest_kind])
+    used[f"kind:{kind}"] += 1
+    step = rng.randint(min(resumed + 1, shape.steps), shape.steps)
+    if kind == "ckpt":
+        window = shape.every * shape.keep
+        removal_steps = [s for s in ckpt_steps if s > window and s - window != resumed]
+        all_points = CKPT_POINTS if strategy == "ddp" else SHARDED_CKPT_POINTS
+        points = [p for p in all_points if p != "removing" or removal_steps]
+        fewest = min(used[f"{strategy}:{p}"] for p in points)
+        point = rng.choice([p for p in points if used[f"{strategy}:{p}"] == fewest])
+        used[f"{strategy}:{point}"] += 1
+        return Fault("ckpt", rng.choice(removal_steps if point == "removing" else ckpt_steps), point, group=True)
+    if kind == "rank":
+        return Fault("rank", step, rank=rng.choice([0, 1]))
+    return Fault("sigterm", step, group=rng.choice([False, True]))
 
 
 def plan_fault(rng: random.Random, resumed: int, shape: Shape, kinds: list[str], used: Counter) -> Fault:
@@ -237,54 +349,79 @@ def student_weights(root: Path) -> dict:
     return load_file(str(root / "outputs" / "t" / "student" / "model.safetensors"))
 
 
-def reference_run(work: Path, corpus: Path, shape: Shape, threads: int, timeout: float):
-    root = work / "reference"
+def reference_run(
+    work: Path, corpus: Path, shape: Shape, threads: int, timeout: float, strategy: str | None = None
+) -> tuple[dict, dict, float]:
+    root = work / f"reference-{strategy or 'single'}"
     root.mkdir()
-    rc, out, seconds = run_train(root, corpus, shape, None, threads, timeout)
+    rc, out, seconds, _ = run_train(root, corpus, shape, None, threads, timeout, strategy)
     if rc != 0:
         raise RuntimeError(f"reference run failed ({rc}):\n{out[-3000:]}")
-    losses = dict(read_losses(root / "loss.jsonl"))
-    if sorted(losses) != list(range(1, shape.steps + 1)):
-        raise RuntimeError(f"reference run recorded steps {sorted(losses)}")
+    losses = {key: (loss, rng) for key, loss, rng in read_losses(root / "loss.jsonl")}
+    ranks = range(2 if strategy else 1)
+    if sorted(losses) != [(r, s) for r in ranks for s in range(1, shape.steps + 1)]:
+        raise RuntimeError(f"reference run recorded (rank, step) {sorted(losses)}")
     return losses, student_weights(root), seconds
 
 
 def run_trial(
-    index: int, args: argparse.Namespace, work: Path, corpus: Path, shape: Shape, ref, used: Counter
+    index: int,
+    args: argparse.Namespace,
+    work: Path,
+    corpus: Path,
+    shape: Shape,
+    ref,
+    used: Counter,
+    strategy: str | None = None,
 ) -> Trial:
     ref_losses, ref_weights = ref
-    rng = random.Random(f"{args.seed}-{index}")
-    root = work / f"trial{index}"
+    rng = random.Random(f"{args.seed}-{strategy or ''}-{index}" if strategy else f"{args.seed}-{index}")
+    root = work / f"{strategy or 'single'}-trial{index}"
     root.mkdir()
     ckpt_dir = root / "outputs" / "t" / "checkpoints"
-    trial = Trial(index)
+    trial = Trial(index, strategy)
     finished = False
     for n in range(args.faults + 1):
         complete, _ = complete_checkpoints(ckpt_dir)
         expected = max(complete, default=0)
-        fault = plan_fault(rng, expected, shape, args.kinds, used) if n < args.faults else None
+        fault = None
+        if n < args.faults:
+            fault = (
+                plan_dist_fault(rng, expected, shape, args.kinds, used, strategy)
+                if strategy
+                else plan_fault(rng, expected, shape, args.kinds, used)
+            )
         seen = len(read_losses(root / "loss.jsonl"))
-        rc, out, seconds = run_train(root, corpus, shape, fault, args.threads, args.run_timeout)
+        rc, out, seconds, survivor = run_train(
+            root, corpus, shape, fault, args.threads, args.run_timeout, strategy, args.collective_timeout
+        )
         match = RESUME_RE.search(out)
         resumed = int(re.search(r"step=(\d+)", match[1])[1]) if match else 0
         if match and Path(match[1]) != complete.get(resumed):
             trial.problems.append(f"run {n}: resumed from {match[1]}, not a complete checkpoint")
         if resumed != expected:
             trial.problems.append(f"run {n}: resumed from step {resumed}, newest complete checkpoint is {expected}")
-        new = read_losses(root / "loss.jsonl")[seen:]
-        first = new[0][0] if new else None
+        new = [key for key, _, _ in read_losses(root / "loss.jsonl")[seen:] if key[0] == 0]
+        first = new[0][1] if new else None
         if first is not None and first != resumed + 1:
             trial.problems.append(f"run {n}: first step after resume is {first}, expected {resumed + 1}")
-        _, debris = complete_checkpoints(ckpt_dir)
+        after, debris = complete_checkpoints(ckpt_dir)
         what, kind = (fault.describe(), fault.kind) if fault else (None, None)
-        trial.events.append(Event(what, kind, rc, round(seconds, 1), expected, resumed, first, debris))
+        lost = LOST_RE.search(out)
+        event = Event(what, kind, rc, round(seconds, 1), expected, resumed, first, debris, survivor)
+        event.lost_line = lost[0] if lost else None
+        trial.events.append(event)
         if rc == 0:
             finished = True
             if fault is not None:
                 trial.missed += 1  # the run ended before the fault fired: it still has to be right
             break
-        if rc != -signal.SIGKILL or fault is None:
+        if fault is None:
             trial.problems.append(f"run {n}: exit code {rc}\n{out[-2000:]}")
+            return trial
+        problem = _check_fault_outcome(fault, rc, out, after, survivor, args.collective_timeout)
+        if problem:
+            trial.problems.append(f"run {n} ({fault.describe()}): {problem}\n{out[-1500:]}")
             return trial
         trial.kills += 1
     if not finished:
@@ -293,11 +430,14 @@ def run_trial(
     if trial.events[-1].debris:  # resume deletes interrupted writes before the run saves again
         trial.problems.append(f"scratch left after the final run: {trial.events[-1].debris}")
     records = read_losses(root / "loss.jsonl")
-    steps = {s for s, _ in records}
-    if steps != set(ref_losses):
-        trial.problems.append(f"steps recorded {sorted(steps)} != reference {sorted(ref_losses)}")
-    for step, loss in records:
-        trial.max_loss_diff = max(trial.max_loss_diff, abs(loss - ref_losses.get(step, float("inf"))))
+    keys = {key for key, _, _ in records}
+    if keys != set(ref_losses):
+        trial.problems.append(f"(rank, step) recorded {sorted(keys)} != reference {sorted(ref_losses)}")
+    for key, loss, rng_hash in records:
+        want, want_rng = ref_losses.get(key, (float("inf"), ""))
+        trial.max_loss_diff = max(trial.max_loss_diff, abs(loss - want))
+        if rng_hash != want_rng:
+            trial.problems.append(f"rank {key[0]} step {key[1]}: random state {rng_hash} != reference {want_rng}")
     weights = student_weights(root)
     if set(weights) != set(ref_weights):
         trial.problems.append("final weights have other tensor names")
@@ -310,6 +450,30 @@ def run_trial(
     if trial.max_weight_diff > WEIGHT_TOL:
         trial.problems.append(f"final weights differ from the reference by {trial.max_weight_diff:.2e}")
     return trial
+
+
+def _check_fault_outcome(
+    fault: Fault, rc: int, out: str, complete: dict[int, Path], survivor: float | None, collective_timeout: float
+) -> str | None:
+    """What is wrong with how a faulted run ended (None: as promised)."""
+    if fault.kind in ("step", "ckpt", "external"):
+        return None if rc == -signal.SIGKILL else f"exit code {rc}, expected SIGKILL"
+    if fault.kind == "sigterm":
+        if rc != PREEMPTED_EXIT:
+            return f"exit code {rc}, expected {PREEMPTED_EXIT} after a preemption save"
+        if max(complete, default=0) != fault.step:
+            return f"newest complete checkpoint is step {max(complete, default=0)}, expected step {fault.step}"
+        return None
+    # one rank killed: the launching rank was the victim (SIGKILL) or a survivor (its own exit status, or SIGKILL
+    # from Lightning's child-process observer when that fires first)
+    if rc not in (-signal.SIGKILL, LOST_RANK_EXIT):
+        return f"exit code {rc}, expected {LOST_RANK_EXIT} (lost rank) or SIGKILL"
+    if survivor is None or survivor > collective_timeout:
+        return f"the surviving rank took {survivor} s to exit (collective timeout {collective_timeout:g} s)"
+    lost = LOST_RE.search(out)
+    if rc == LOST_RANK_EXIT and (lost is None or int(lost[2]) != fault.rank):
+        return f"no line naming the lost rank {fault.rank}"
+    return None
 
 
 def table(trials: list[Trial]) -> str:
@@ -332,8 +496,32 @@ def table(trials: list[Trial]) -> str:
     return "\n".join(rows)
 
 
+def dist_table(trials: list[Trial]) -> str:
+    """One row per distributed trial: the faults, how each run ended, how fast survivors left, and the deltas."""
+    rows = [
+        "| strategy | trial | faults (exit status → resumed from step) | survivor exit (s) | scratch after faults / "
+        "at end | max abs Δloss | max abs Δweight | lost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        points = "; ".join(
+            f"{e.fault} ({e.returncode}) → {t.events[i + 1].resumed_from}"
+            for i, e in enumerate(t.events[:-1])
+            if e.fault
+        )
+        exits = [f"{e.survivor_exit_s:.1f}" for e in t.events if e.survivor_exit_s is not None]
+        debris = sum(len(e.debris) for e in t.events if e.returncode)
+        left = len(t.events[-1].debris) if t.events else 0
+        lost = "none" if not t.problems else f"**{len(t.problems)} problem(s)**"
+        rows.append(
+            f"| {t.strategy} | {t.index} | {points or '-'} | {', '.join(exits) or '-'} | {debris} / {left} "
+            f"| {t.max_loss_diff:.1e} | {t.max_weight_diff:.1e} | {lost} |"
+        )
+    return "\n".join(rows)
+
+
 def summary(trials: list[Trial], ref_seconds: float, total: float, args: argparse.Namespace) -> dict:
-    kinds = dict.fromkeys(KINDS, 0)
+    kinds = dict.fromkeys(KINDS + tuple(k for k in DIST_KINDS if k not in KINDS), 0)
     for t in trials:
         for e in t.events:
             if e.kind and e.returncode:
@@ -347,6 +535,17 @@ def summary(trials: list[Trial], ref_seconds: float, total: float, args: argpars
         "problems": [p for t in trials for p in t.problems],
         "max_loss_diff": max((t.max_loss_diff for t in trials), default=0.0),
         "max_weight_diff": max((t.max_weight_diff for t in trials), default=0.0),
+        "max_survivor_exit_s": max(
+            (e.survivor_exit_s for t in trials for e in t.events if e.survivor_exit_s is not None), default=None
+        ),
+        "lost_rank_lines": sum(1 for t in trials for e in t.events if e.lost_line),
+        "by_strategy": {
+            name: {
+                "trials": sum(1 for t in trials if t.strategy == name),
+                "faults": sum(t.kills for t in trials if t.strategy == name),
+            }
+            for name in sorted({t.strategy for t in trials if t.strategy})
+        },
         "reference_seconds": round(ref_seconds, 1),
         "total_seconds": round(total, 1),
         "seed": args.seed,
@@ -356,50 +555,73 @@ def summary(trials: list[Trial], ref_seconds: float, total: float, args: argpars
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=3, help="trials (per strategy with --strategy)")
     p.add_argument("--faults", type=int, default=2, help="kills per trial before the run may finish")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--strategy", nargs="+", choices=STRATEGIES, help="2-process runs of these trainers (gloo)")
+    p.add_argument("--kinds", nargs="+", choices=sorted(set(KINDS + DIST_KINDS)), help="fault kinds to draw from")
     p.add_argument("--steps", type=int, default=Shape.steps, help="optimizer steps per run")
     p.add_argument("--max-seconds", type=float, default=600, help="no new trial starts after this")
     p.add_argument("--run-timeout", type=float, default=300, help="one train.py process may take this long")
+    p.add_argument("--collective-timeout", type=float, default=60, help="fault_tolerance.collective_timeout_s")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy machine)")
     p.add_argument("--workdir", help="keep runs here (default: a temp dir, removed)")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    allowed = DIST_KINDS if args.strategy else KINDS
+    args.kinds = args.kinds or list(allowed)
+    if bad := [k for k in args.kinds if k not in allowed]:
+        p.error(f"--kinds {bad} cannot be used {'with' if args.strategy else 'without'} --strategy; use {allowed}")
     shape = Shape(steps=args.steps)
 
     start = time.monotonic()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fault-inject-"))
     work.mkdir(parents=True, exist_ok=True)
+    trials: list[Trial] = []
+    ref_seconds = 0.0
     try:
         corpus = write_corpus(work / "corpus.jsonl")
-        ref_losses, ref_weights, ref_seconds = reference_run(work, corpus, shape, args.threads, args.run_timeout)
-        print(f"reference run: {shape.steps} steps in {ref_seconds:.1f} s", flush=True)
-        trials: list[Trial] = []
         used: Counter = Counter()
-        for index in range(args.trials):
-            if trials and time.monotonic() - start > args.max_seconds:
-                print(f"--max-seconds {args.max_seconds:g} reached after {len(trials)} trial(s)")
-                break
-            trial = run_trial(index, args, work, corpus, shape, (ref_losses, ref_weights), used)
-            trials.append(trial)
-            print(f"trial {index}: {[e.fault for e in trial.events]} problems={trial.problems}", flush=True)
+        for strategy in args.strategy or [None]:
+            ref_losses, ref_weights, ref_seconds = reference_run(
+                work, corpus, shape, args.threads, args.run_timeout, strategy
+            )
+            print(f"reference run ({strategy or 'single process'}): {shape.steps} steps in {ref_seconds:.1f} s")
+            for index in range(args.trials):
+                if trials and time.monotonic() - start > args.max_seconds:
+                    print(f"--max-seconds {args.max_seconds:g} reached after {len(trials)} trial(s)")
+                    break
+                trial = run_trial(index, args, work, corpus, shape, (ref_losses, ref_weights), used, strategy)
+                trials.append(trial)
+                print(f"{strategy or ''} trial {index}: {[e.fault for e in trial.events]} problems={trial.problems}")
+                sys.stdout.flush()
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     result = summary(trials, ref_seconds, time.monotonic() - start, args)
-    text = table(trials)
     k = result["kills_by_kind"]
-    verdict = (
-        f"{result['trials']} trial(s), {result['kills']} SIGKILLs ({k['ckpt']} inside checkpoint writes, "
-        f"{k['step']} at step ends, {k['external']} from outside mid-run), {result['resumes']} resumes, "
-        f"{result['faults_missed']} fault(s) the run outran; problems: {len(result['problems'])}; "
-        f"max |Δloss| {result['max_loss_diff']:.1e} (tol {LOSS_TOL:g}), "
-        f"max |Δweight| {result['max_weight_diff']:.1e} (tol {WEIGHT_TOL:g}); "
-        f"{result['total_seconds']:.0f} s total, reference run {result['reference_seconds']:.0f} s."
-    )
+    if args.strategy:
+        text = dist_table(trials)
+        verdict = (
+            f"{result['trials']} trial(s) over {', '.join(args.strategy)}, {result['kills']} faults ({k['rank']} "
+            f"SIGKILLs of one rank inside a step, {k['ckpt']} SIGKILLs of every rank inside the checkpoint writer, "
+            f"{k['sigterm']} SIGTERMs), {result['resumes']} resumes, {result['faults_missed']} fault(s) the run "
+            f"outran; problems: {len(result['problems'])}; max |Δloss| {result['max_loss_diff']:.1e} (tol "
+            f"{LOSS_TOL:g}), max |Δweight| {result['max_weight_diff']:.1e} (tol {WEIGHT_TOL:g}); slowest survivor exit "
+            f"{result['max_survivor_exit_s']} s (collective timeout {args.collective_timeout:g} s), "
+            f"{result['lost_rank_lines']} lost-rank line(s); {result['total_seconds']:.0f} s total."
+        )
+    else:
+        text = table(trials)
+        verdict = (
+            f"{result['trials']} trial(s), {result['kills']} SIGKILLs ({k['ckpt']} inside checkpoint writes, "
+            f"{k['step']} at step ends, {k['external']} from outside mid-run), {result['resumes']} resumes, "
+            f"{result['faults_missed']} fault(s) the run outran; problems: {len(result['problems'])}; "
+            f"max |Δloss| {result['max_loss_diff']:.1e} (tol {LOSS_TOL:g}), "
+            f"max |Δweight| {result['max_weight_diff']:.1e} (tol {WEIGHT_TOL:g}); "
+            f"{result['total_seconds']:.0f} s total, reference run {result['reference_seconds']:.0f} s."
+        )
     print(text + "\n\n" + verdict)
     for problem in result["problems"]:
         print("PROBLEM:", problem)
@@ -409,17 +631,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).parent))
         from results import write_section
 
-        body = (
-            f"Tiny `recipe=distill` ({shape.steps} steps, checkpoint every {shape.every}, keep {shape.keep}), "
-            "killed with SIGKILL and resumed until it finishes; each run is compared with one uninterrupted "
-            "reference run. *Scratch dirs* are the half-written checkpoint directories found right after the "
-            "kills (resume must never pick them; it deletes them before the run writes again) and at the end.\n\n"
-            + text
-            + "\n\n"
-            + verdict
-        )
         argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-        write_section("Fault injection: SIGKILL and resume", body, script=f"fault_inject.py {argv_text}".strip())
+        if args.strategy:
+            body = (
+                f"Tiny `recipe=distill` on 2 CPU processes (gloo) per strategy ({shape.steps} steps, checkpoint every "
+                f"{shape.every}, keep {shape.keep}), faulted and resumed until it finishes; each run is compared with "
+                "one uninterrupted reference run of the same strategy (every rank's per-step loss and random state, "
+                "the final student). *Survivor exit*: seconds from a rank's SIGKILL until the last other rank had "
+                "exited.\n\n" + text + "\n\n" + verdict
+            )
+            title = "Fault injection: distributed (SIGKILL of a rank, SIGKILL in the writer, SIGTERM)"
+        else:
+            body = (
+                f"Tiny `recipe=distill` ({shape.steps} steps, checkpoint every {shape.every}, keep {shape.keep}), "
+                "killed with SIGKILL and resumed until it finishes; each run is compared with one uninterrupted "
+                "reference run. *Scratch dirs* are the half-written checkpoint directories found right after the "
+                "kills (resume must never pick them; it deletes them before the run writes again) and at the end.\n\n"
+                + text
+                + "\n\n"
+                + verdict
+            )
+            title = "Fault injection: SIGKILL and resume"
+        write_section(title, body, script=f"fault_inject.py {argv_text}".strip())
     return 1 if result["problems"] or not trials else 0
 
 

@@ -36,7 +36,14 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 from torch.nn import Module
 
-from autoglm_train.utils.sharded_checkpoint import DCP_FORMAT, DEEPSPEED_FORMAT, clear_marker, write_marker
+from autoglm_train.utils.checkpoint_io import fault_point
+from autoglm_train.utils.sharded_checkpoint import (
+    DCP_FORMAT,
+    DEEPSPEED_FORMAT,
+    clear_marker,
+    saved_world_size,
+    write_marker,
+)
 
 
 def use_deepspeed_cpu_accelerator() -> None:
@@ -63,9 +70,11 @@ class _MarksCompleteCheckpoints:
             clear_marker(path)  # a re-save into the same directory must not be vouched for by the old marker
         meta = {"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
         super().save_checkpoint(checkpoint, path, storage_options)  # type: ignore[misc]
+        fault_point("shards_written", path)
         self.barrier("sharded-checkpoint-complete")  # type: ignore[attr-defined]
         if self.is_global_zero:  # type: ignore[attr-defined]
             write_marker(path, self.checkpoint_format, world_size=self.world_size, **meta)  # type: ignore[attr-defined]
+            fault_point("shards_marked", path)
         self.barrier("sharded-checkpoint-marked")  # type: ignore[attr-defined]
 
 
@@ -94,6 +103,20 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, refused in one line when the checkpoint was written by another number of ranks."""
+        saved = saved_world_size(checkpoint_path)
+        if saved is not None and saved != self.world_size:
+            from autoglm_train.errors import ConfigValueError
+
+            raise ConfigValueError(
+                f"ckpt_path={checkpoint_path}: a ZeRO checkpoint of {saved} ranks cannot resume on {self.world_size}: "
+                "DeepSpeed reshards only universal checkpoints (deepspeed.checkpoint.ds_to_universal), which "
+                "Lightning's DeepSpeedStrategy cannot load; resume on the same number of ranks, or start from "
+                "the student (python -m autoglm_train.utils.sharded_checkpoint) with a fresh optimizer"
+            )
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def _setup_model_and_optimizer(self, model: Module, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
         if not isinstance(self.accelerator, CPUAccelerator):

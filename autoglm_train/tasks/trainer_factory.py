@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
@@ -19,6 +21,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from autoglm_train.tasks.precision import check_precision
+from autoglm_train.tasks.preemption import Preemption, cluster_environment_plugins
+from autoglm_train.tasks.rng_state import RNGStates
 from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,6 +63,27 @@ def prepare_strategy(cfg: DictConfig) -> None:
         use_deepspeed_cpu_accelerator()
 
 
+def fault_tolerance(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.fault_tolerance`` with defaults (signals, requeue, collective timeout); one-line errors for bad values."""
+    ft = {"signals": ["SIGTERM", "SIGUSR1"], "requeue": True, "collective_timeout_s": 300.0, "heartbeat_s": 1.0}
+    ft.update(dict(cfg.get("fault_tolerance") or {}))
+    for key in ("collective_timeout_s", "heartbeat_s"):
+        if not float(ft[key]) > 0:
+            raise ValueError(f"fault_tolerance.{key}={ft[key]} must be a positive number of seconds")
+    ft["signals"] = list(ft["signals"])
+    return ft
+
+
+def _strategy(cfg: DictConfig, timeout_s: float) -> Any:
+    """The configured strategy, built with the collective timeout (DDP, DeepSpeed and FSDP2 all take ``timeout``)."""
+    node = cfg.trainer.get("strategy")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return node
+    if "timeout" in node:  # set explicitly in the trainer config: keep it
+        return instantiate(node)
+    return instantiate(node, timeout=timedelta(seconds=timeout_s))
+
+
 def checkpoint_format(trainer: L.Trainer) -> str:
     """The checkpoint format this trainer's strategy writes (and so can resume from)."""
     from autoglm_train.tasks.strategies import DeepSpeedStrategy, FSDP2Strategy
@@ -89,13 +114,27 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     )
     logger = instantiate(cfg.logger)
     configured = [instantiate(node) for node in cfg.get("callbacks") or []]
-    callbacks = [checkpoints, *configured, *(extra_callbacks or [])]
+    ft = fault_tolerance(cfg)
+    preemption = Preemption(
+        ft["signals"],
+        requeue=ft["requeue"],
+        heartbeat_s=ft["heartbeat_s"],
+        collective_timeout_s=ft["collective_timeout_s"],
+    )
+    # Preemption last: the step it stops after is fully recorded by every other callback (Lightning runs
+    # ModelCheckpoint after all of them anyway).
+    callbacks = [checkpoints, RNGStates(), *configured, *(extra_callbacks or [])]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks.append(preemption)
+    extra: dict[str, Any] = {}
+    if isinstance(cfg.trainer.get("strategy"), DictConfig):
+        extra["strategy"] = _strategy(cfg, float(ft["collective_timeout_s"]))
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=logger,
-        plugins=[SafetensorsCheckpointIO()],
+        plugins=[SafetensorsCheckpointIO(), *cluster_environment_plugins()],
         default_root_dir=cfg.paths.output_dir,
+        **extra,
     )

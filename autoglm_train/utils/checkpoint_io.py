@@ -62,6 +62,9 @@ SCRATCH_RE = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|del)-[0-9a-f]{12}$
 FAULT_POINTS = ("tensors_written", "tree_written", "marker_written", "old_moved_aside", "removing")
 """Where a save can be interrupted: after the tensors, after the tree, after COMPLETE (not yet renamed), between the two
 renames of a replace, and inside a removal (renamed to ``.del-*``, not yet deleted)."""
+SHARDED_FAULT_POINTS = ("shards_written", "shards_marked", "removing")
+"""The same for DeepSpeed/FSDP2 saves (:mod:`autoglm_train.tasks.strategies`): after this rank's shards are written
+(``COMPLETE`` not yet), right after rank 0 wrote ``COMPLETE``, and inside the removal of a rotated checkpoint."""
 _fault_hook: Callable[[str, Path], None] | None = None
 
 _TAG = "__t__"
@@ -285,9 +288,10 @@ def set_fault_hook(hook: Callable[[str, Path], None] | None) -> None:
     _fault_hook = hook
 
 
-def _fault_point(point: str, path: Path) -> None:
+def fault_point(point: str, path: str | os.PathLike[str]) -> None:
+    """Run the installed fault hook (tests only) at ``point`` of a save; nothing happens in real runs."""
     if _fault_hook is not None:
-        _fault_hook(point, path)
+        _fault_hook(point, Path(path))
 
 
 def _fsync(path: Path) -> None:
@@ -315,7 +319,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     if os.path.lexists(target):
         aside = _scratch_name(target, "old")
         os.replace(target, aside)
-        _fault_point("old_moved_aside", aside)
+        fault_point("old_moved_aside", aside)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -411,16 +415,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         tmp.mkdir()
         try:
             save_file(tensors, tmp / TENSORS_FILE, metadata={"format": FORMAT})
-            _fault_point("tensors_written", tmp)
+            fault_point("tensors_written", tmp)
             (tmp / TREE_FILE).write_text(json.dumps(header, allow_nan=False))
-            _fault_point("tree_written", tmp)
+            fault_point("tree_written", tmp)
             sizes = {name: (tmp / name).stat().st_size for name in (TENSORS_FILE, TREE_FILE)}
             for name in sizes:
                 _fsync(tmp / name)
             (tmp / COMPLETE_FILE).write_text(json.dumps({"format": FORMAT, "files": sizes}))
             _fsync(tmp / COMPLETE_FILE)
             _fsync(tmp)
-            _fault_point("marker_written", tmp)
+            fault_point("marker_written", tmp)
             _swap_into_place(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -454,7 +458,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         elif target.is_dir():
             doomed = _scratch_name(target, "del")
             os.replace(target, doomed)
-            _fault_point("removing", doomed)
+            fault_point("removing", doomed)
             shutil.rmtree(doomed)
         else:
             log.debug("Checkpoint %s already gone", target)

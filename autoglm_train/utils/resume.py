@@ -47,12 +47,28 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     return found
 
 
+# What DeepSpeed (`latest`, `checkpoint/`) and torch DCP (`.metadata`, `*.distcp`, `meta.pt`) put in a sharded save.
+_SHARDED_ENTRIES = ("latest", "checkpoint", ".metadata", "meta.pt")
+
+
+def _unmarked_sharded_save(entry: Path) -> bool:
+    """A ``*.ckpt`` directory that a DeepSpeed/FSDP2 save started but never marked ``COMPLETE`` (killed mid-write)."""
+    if entry.suffix != ".ckpt" or entry.is_symlink() or not entry.is_dir() or (entry / COMPLETE_FILE).exists():
+        return False
+    names = {p.name for p in entry.iterdir()}
+    if names & {TREE_FILE, TENSORS_FILE}:
+        return False  # a safetensors directory is never written in place; leave anything odd alone
+    return not names or bool(names & set(_SHARDED_ENTRIES)) or any(n.endswith(".distcp") for n in names)
+
+
 def remove_interrupted_writes(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete what killed saves and removals left behind (``.<name>.tmp-*``, ``.<name>.del-*``); returns them.
 
     Each is a checkpoint-sized directory that no reader uses, so repeated crashes would otherwise fill the disk. Only
     called before a run starts writing (nothing can be mid-save then). An orphaned ``.old-*`` stays: it may hold the
-    newest complete state (see :func:`_candidates`).
+    newest complete state (see :func:`_candidates`). Sharded saves (DeepSpeed, FSDP2) are written in place, so one
+    killed before ``COMPLETE`` is a ``step=N.ckpt`` without the marker: removed too, or the resumed run's save of
+    step N would land next to it as ``step=N-v1.ckpt`` (Lightning does not overwrite a directory it did not write).
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -60,7 +76,7 @@ def remove_interrupted_writes(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for entry in sorted(ckpt_dir.iterdir()):
         scratch = SCRATCH_RE.match(entry.name)
-        if scratch and scratch["kind"] in ("tmp", "del"):
+        if (scratch and scratch["kind"] in ("tmp", "del")) or _unmarked_sharded_save(entry):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)  # another rank may be removing it too
             else:

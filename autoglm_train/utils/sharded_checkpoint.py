@@ -75,6 +75,16 @@ def write_marker(path: str | os.PathLike[str], fmt: str, *, global_step: Any, ep
     os.replace(tmp, root / COMPLETE_FILE)
 
 
+def saved_world_size(path: str | os.PathLike[str]) -> int | None:
+    """How many ranks wrote a sharded checkpoint (from its ``COMPLETE`` marker); None when not recorded."""
+    marker = Path(path) / COMPLETE_FILE
+    try:
+        value = json.loads(marker.read_text()).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if type(value) is int else None
+
+
 def checkpoint_format(path: str | os.PathLike[str]) -> str:
     """``autoglm-train/lightning-checkpoint`` (safetensors), ``deepspeed`` or ``torch-dcp``; raises if none of them.
 
