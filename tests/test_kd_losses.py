@@ -277,3 +277,53 @@ def test_every_loss_config_instantiates() -> None:
         loss_fn = hydra_utils.instantiate(omegaconf.OmegaConf.load(f))
         assert isinstance(loss_fn, KDLoss) and loss_fn.kind == f.stem
         assert (loss_fn.temperature, loss_fn.kd_ratio, loss_fn.chunk_size) == (1.0, 0.5, 256)
+
+
+class _WrappedHead(nn.Module):
+    """A head that is not a plain ``nn.Linear`` (like a fake-quant head): takes the recompute-in-backward path."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_fused_and_recompute_paths_agree(kind: str) -> None:
+    case = make_case()
+    loss_fn = KDLoss(kind=kind, temperature=2.0, kd_ratio=0.7, chunk_size=4)
+    fused = chunked(loss_fn, case)
+    recompute = chunked(loss_fn, {**case, "student_head": _WrappedHead(case["student_head"])})
+    torch.testing.assert_close(fused.loss, recompute.loss, **TOL)
+    torch.testing.assert_close(fused.kd_loss, recompute.kd_loss, **TOL)
+    for got, want in zip(grads(fused.loss, case), grads(recompute.loss, case), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_fused_path_runs_each_head_once_per_chunk_and_never_differentiates_the_teacher() -> None:
+    case = make_case()
+    case["teacher_head"].requires_grad_(True)  # even a teacher head that could take gradients gets none
+    calls = {"teacher": 0}
+    case["teacher_head"].register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+    out = chunked(KDLoss(kind="jsd", chunk_size=3), case)
+    assert calls["teacher"] == 4  # 11 positions in chunks of 3; nothing recomputed in backward
+    out.loss.backward()
+    assert calls["teacher"] == 4 and case["teacher_head"].weight.grad is None
+    assert case["student_head"].weight.grad is not None and not out.kd_loss.requires_grad
+
+
+def test_fused_path_with_bias_and_without_grad() -> None:
+    case = make_case()
+    head = nn.Linear(HS, V_STUDENT, bias=True)
+    case["student_head"] = head
+    out = chunked(KDLoss(kind="reverse_kl", chunk_size=5), case)
+    ref = reference_loss("reverse_kl", 1.0, 0.5, case)
+    torch.testing.assert_close(out.loss, ref, **TOL)
+    got = torch.autograd.grad(out.loss, (case["student_hidden"], head.weight, head.bias))
+    want = torch.autograd.grad(ref, (case["student_hidden"], head.weight, head.bias))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(KDLoss(kind="reverse_kl", chunk_size=5), case).loss, ref.detach(), **TOL)

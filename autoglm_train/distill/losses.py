@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +257,16 @@ class KDLoss(nn.Module):
             t_logp = teacher_topk[0].reshape(-1, k).index_select(0, idx)
             t_ids = teacher_topk[1].reshape(-1, k).index_select(0, idx)
 
+        teacher = (t_hidden, t_logp, t_ids)
+        if _fusable(student_head):
+            # The fast path: each chunk's gradient is computed in the forward pass, nothing is recomputed.
+            loss, kd_sum, ce_sum = _FusedKD.apply(
+                h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self
+            )
+            kd_loss = kd_sum * (self.temperature**2 / n)
+            ce_loss = ce_sum / n
+            return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
+
         def chunk_sums(
             h_c: Tensor, y_c: Tensor, th_c: Tensor | None, tl_c: Tensor | None, ti_c: Tensor | None
         ) -> tuple[Tensor, Tensor]:
@@ -263,7 +274,7 @@ class KDLoss(nn.Module):
 
         kd_sum = ce_sum = None
         for s in _chunks(n, self.chunk_size):
-            args = (h[s], y[s], *(None if t is None else t[s] for t in (t_hidden, t_logp, t_ids)))
+            args = (h[s], y[s], *(None if t is None else t[s] for t in teacher))
             if torch.is_grad_enabled():
                 kd_c, ce_c = checkpoint(chunk_sums, *args, use_reentrant=False)
             else:
@@ -275,6 +286,85 @@ class KDLoss(nn.Module):
         ce_loss = ce_sum / n
         loss = self.kd_ratio * kd_loss + (1.0 - self.kd_ratio) * ce_loss
         return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
+
+    def _teacher_logp(
+        self,
+        mode: str,
+        t_hidden: Tensor | None,
+        t_logp: Tensor | None,
+        teacher_head: Head | None,
+        vocab_size: int | None,
+        width: int,
+    ) -> Tensor:
+        """The teacher's log-probs at τ for one chunk (full [c, V] or top-k renormalised [c, k]); no grad."""
+        tau = self.temperature
+        with torch.no_grad():
+            if mode == "full":
+                t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
+                if t_logits.shape[-1] != width:
+                    raise ValueError(
+                        f"teacher gives {t_logits.shape[-1]} logits and student {width}; pass "
+                        "vocab_size to compare only the shared real vocabulary"
+                    )
+                return F.log_softmax(t_logits / tau, dim=-1)
+            # log p/τ renormalised over k == softmax(logits/τ) restricted to the top-k ids.
+            return F.log_softmax(_upcast(t_logp) / tau, dim=-1)
+
+    def _fused_chunk(
+        self,
+        z: Tensor,
+        y: Tensor,
+        teacher: tuple[Tensor | None, Tensor | None, Tensor | None],
+        teacher_head: Head | None,
+        vocab_size: int | None,
+        mode: str,
+        coef: tuple[float, float] | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(Σ KD, Σ CE, ∂(c_kd·ΣKD + c_ce·ΣCE)/∂z or None) for one chunk of student logits ``z`` [c, Vs].
+
+        ``coef`` = (c_kd, c_ce), or None when no gradient is needed. CE's gradient is softmax(z) − onehot(y); forward
+        KL, the default, has the closed form (q_τ − p_τ)/τ and shares the softmax with CE at τ = 1. Every other
+        divergence and the top-k teacher get their gradient from autograd on this chunk's elementwise ops alone.
+        """
+        t_hidden, t_logp, t_ids = teacher
+        tau = self.temperature
+        logq = F.log_softmax(z, dim=-1)
+        ce = -logq.gather(1, y[:, None]).sum()
+        q = logq.exp() if coef is not None else None
+        kd = ce.new_zeros(())
+        grad_kd = None
+        if mode != "none":
+            z_kd = _slice_vocab(z, vocab_size, "student")
+            width = z_kd.shape[-1]
+            teacher_logp = self._teacher_logp(mode, t_hidden, t_logp, teacher_head, vocab_size, width)
+            if mode == "full" and self.kind == "forward_kl":
+                shared = tau == 1.0 and width == z.shape[-1]
+                s_logp = logq if shared else F.log_softmax(z_kd / tau, dim=-1)
+                p = teacher_logp.exp()
+                # Σ p·(log p − log q) as two fused dot products; p = 0 where log p = −inf, so clamp that to finite.
+                teacher_logp.clamp_(min=torch.finfo(teacher_logp.dtype).min)
+                kd = (torch.linalg.vecdot(p, teacher_logp) - torch.linalg.vecdot(p, s_logp)).sum()
+                if coef is not None:
+                    grad_kd = (q if shared else s_logp.exp()).sub(p).div_(tau)
+            else:
+                with torch.enable_grad():
+                    leaf = z_kd.detach().requires_grad_(coef is not None)
+                    s_logp = F.log_softmax(leaf / tau, dim=-1)
+                    if mode == "full":
+                        d = divergence(self.kind, teacher_logp, s_logp, beta=self.beta, skew_alpha=self.skew_alpha)
+                    else:
+                        d = topk_divergence(self.kind, teacher_logp, s_logp, t_ids)
+                    kd = d.sum()
+                    grad_kd = torch.autograd.grad(kd, leaf)[0] if coef is not None else None
+                kd = kd.detach()
+        if coef is None:
+            return kd, ce, None
+        c_kd, c_ce = coef
+        grad_z = q.mul_(c_ce)
+        grad_z[torch.arange(z.shape[0], device=z.device), y] -= c_ce
+        if grad_kd is not None:
+            grad_z[:, : grad_kd.shape[-1]].add_(grad_kd, alpha=c_kd)
+        return kd, ce, grad_z
 
     def _mode(
         self,
@@ -334,26 +424,92 @@ class KDLoss(nn.Module):
         ce = F.cross_entropy(logits, y, reduction="sum")
         if mode == "none":
             return ce.new_zeros(()), ce
-        tau = self.temperature
-        s_logp = F.log_softmax(_slice_vocab(logits, vocab_size, "student") / tau, dim=-1)
-        with torch.no_grad():
-            # Recomputed during backward too (cheap next to holding all teacher logits).
-            if mode == "full":
-                t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
-                if t_logits.shape[-1] != s_logp.shape[-1]:
-                    raise ValueError(
-                        f"teacher gives {t_logits.shape[-1]} logits and student {s_logp.shape[-1]}; pass "
-                        "vocab_size to compare only the shared real vocabulary"
-                    )
-                t_logp_full = F.log_softmax(t_logits / tau, dim=-1)
-            else:
-                # log p/τ renormalised over k == softmax(logits/τ) restricted to the top-k ids.
-                t_logp_k = F.log_softmax(_upcast(t_logp) / tau, dim=-1)
+        s_logp = F.log_softmax(_slice_vocab(logits, vocab_size, "student") / self.temperature, dim=-1)
+        # Recomputed during backward too (cheap next to holding all teacher logits).
+        teacher_logp = self._teacher_logp(mode, t_hidden, t_logp, teacher_head, vocab_size, s_logp.shape[-1])
         if mode == "full":
-            kd = divergence(self.kind, t_logp_full, s_logp, beta=self.beta, skew_alpha=self.skew_alpha)
+            kd = divergence(self.kind, teacher_logp, s_logp, beta=self.beta, skew_alpha=self.skew_alpha)
         else:
-            kd = topk_divergence(self.kind, t_logp_k, s_logp, t_ids)
+            kd = topk_divergence(self.kind, teacher_logp, s_logp, t_ids)
         return kd.sum(), ce
+
+
+def _fusable(head: Head) -> bool:
+    """A plain ``nn.Linear`` with its whole weight on hand: the fused path reads the weight directly.
+
+    Anything else (a fake-quant head under QAT, a ZeRO-3 partitioned weight that only the module's own hooks gather)
+    goes through the module call with per-chunk recomputation instead.
+    """
+    return type(head) is nn.Linear and not hasattr(head.weight, "ds_id")
+
+
+class _FusedKD(torch.autograd.Function):
+    """The chunked KD + CE loss with each chunk's gradient computed during the forward pass (as Liger's fused
+    distillation losses do): per chunk, student logits → loss sums → ∂loss/∂logits → accumulated gradients of the
+    hidden states and the head weight (and bias). Backward only scales them by the incoming gradient. Nothing is
+    recomputed, the teacher head is never differentiated, and at most one chunk of logits exists at a time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        y: Tensor,
+        teacher: tuple[Tensor | None, Tensor | None, Tensor | None],
+        teacher_head: Head | None,
+        vocab_size: int | None,
+        mode: str,
+        loss: KDLoss,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        need_grad = any(ctx.needs_input_grad[:3])
+        n = h.shape[0]
+        c_kd = loss.kd_ratio * loss.temperature**2 / n if mode != "none" else 0.0
+        c_ce = (1.0 - loss.kd_ratio) / n
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[2] else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in _chunks(n, loss.chunk_size):
+            h_c = h[s]
+            z = _upcast(F.linear(h_c, weight, bias))
+            kd, ce, grad_z = loss._fused_chunk(
+                z,
+                y[s],
+                tuple(None if t is None else t[s] for t in teacher),
+                teacher_head,
+                vocab_size,
+                mode,
+                (c_kd, c_ce) if need_grad else None,
+            )
+            kd_sum += kd
+            ce_sum += ce
+            if grad_z is not None:
+                gz = grad_z.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[s] = gz @ weight
+                if grad_w is not None and gz.dtype == grad_w.dtype:
+                    grad_w.addmm_(gz.t(), h_c.to(gz.dtype))
+                elif grad_w is not None:  # half-precision head: accumulate its gradient in float32
+                    grad_w += (gz.t() @ h_c.to(gz.dtype)).float()
+                if grad_b is not None:
+                    grad_b += grad_z.sum(0)
+        value = c_kd * kd_sum + c_ce * ce_sum
+        ctx.grads = (
+            None if grad_h is None else grad_h.to(h.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return value, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, _kd: Tensor, _ce: Tensor) -> tuple[Tensor | None, ...]:
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None)
 
 
 @torch.no_grad()
