@@ -37,6 +37,7 @@ from autoglm_train.utils.resume import resolve_ckpt_path
 log = logging.getLogger(__name__)
 
 STAGES = ("alignment", "full")
+PER_ITEM = ("samples", "outputs", "output_ids", "output_logprobs")  # per-item results: heldout_outputs.jsonl
 
 
 def run(cfg: DictConfig) -> dict:
@@ -134,12 +135,9 @@ def run(cfg: DictConfig) -> dict:
         **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
         "heldout_order": data.spec.orders[0],
         "prompt_format": {k: v for k, v in data.prompt_format.to_dict().items() if k != "chat_template"},
-        **{f"test/{k}": v for k, v in heldout.items() if k not in ("samples", "outputs")},
+        **{f"test/{k}": v for k, v in heldout.items() if k not in PER_ITEM},
         **{
-            f"test/{order}/{k}": v
-            for order, result in by_order.items()
-            for k, v in result.items()
-            if k not in ("samples", "outputs")
+            f"test/{order}/{k}": v for order, result in by_order.items() for k, v in result.items() if k not in PER_ITEM
         },
         "samples": heldout["samples"],
     }
@@ -170,7 +168,10 @@ def write_heldout_outputs(path: Path, pairs: list, by_order: dict[str, dict]) ->
     rows = []
     for i, pair in enumerate(pairs):
         row = {"index": i, "question": pair.question, "answer": pair.answer, "label": pair.label}
-        row.update({f"output_{order}": result["outputs"][i] for order, result in by_order.items()})
+        for order, result in by_order.items():
+            row[f"output_{order}"] = result["outputs"][i]
+            row[f"output_ids_{order}"] = result["output_ids"][i]
+            row[f"output_logprobs_{order}"] = [round(lp, 6) for lp in result["output_logprobs"][i]]
         rows.append(json.dumps(row))
     path.write_text("\n".join(rows) + "\n")
 

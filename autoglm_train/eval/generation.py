@@ -17,9 +17,9 @@ from autoglm_train.serve.engine import Engine, Prompt
 from autoglm_train.serve.sampling import SamplingParams
 
 
-def greedy(max_new_tokens: int) -> SamplingParams:
+def greedy(max_new_tokens: int, logprobs: bool = False) -> SamplingParams:
     """What the evaluation and the served evaluation ask for: temperature 0, a fixed budget."""
-    return SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, logprobs=0 if logprobs else None)
 
 
 def batch_prompts(batch: dict[str, Any], plugin: str) -> list[Prompt]:
@@ -34,7 +34,11 @@ def batch_prompts(batch: dict[str, Any], plugin: str) -> list[Prompt]:
 @torch.no_grad()
 def generate_answers(engine: Engine, batch: dict[str, Any], plugin: str, max_new_tokens: int) -> list[str]:
     """Greedy answers for a batch's prompts, decoded together by the engine."""
-    tokens = engine.generate(batch_prompts(batch, plugin), greedy(max_new_tokens))
+    return answer_texts(engine, engine.generate(batch_prompts(batch, plugin), greedy(max_new_tokens)))
+
+
+def answer_texts(engine: Engine, tokens: list[list[int]]) -> list[str]:
+    """Generated ids → the answer text a chat client reads (special tokens dropped, stripped)."""
     return [text.strip() for text in engine.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
 
@@ -56,10 +60,14 @@ def mean_gate(engine: Engine, plugin: str, media: torch.Tensor) -> torch.Tensor:
 def evaluate(
     engine: Engine, batches: Iterable[dict[str, Any]], plugin: str, max_new_tokens: int, num_samples: int = 8
 ) -> dict[str, Any]:
-    """Greedy-generation metrics over ``batches``, every item's output, and the mean gate."""
-    answers, outputs, labels, gates = [], [], [], []
+    """Greedy-generation metrics over ``batches``, every item's output (text and ids), and the mean gate."""
+    answers, outputs, output_ids, output_logprobs, labels, gates = [], [], [], [], [], []
     for batch in batches:
-        outputs += generate_answers(engine, batch, plugin, max_new_tokens)
+        logprobs: list[list[float]] = []
+        tokens = engine.generate(batch_prompts(batch, plugin), greedy(max_new_tokens, logprobs=True), logprobs)
+        output_ids += tokens
+        output_logprobs += logprobs
+        outputs += answer_texts(engine, tokens)
         answers += batch["answers"]
         labels += batch["digit_labels"]
         gates.append(mean_gate(engine, plugin, batch["media"]))
@@ -71,6 +79,8 @@ def evaluate(
         f"gate_{plugin}": float(torch.cat(gates).mean()),
         "samples": [{"reference": a, "output": o} for a, o in zip(answers[:num_samples], outputs, strict=False)],
         "outputs": outputs,
+        "output_ids": output_ids,
+        "output_logprobs": output_logprobs,
     }
 
 

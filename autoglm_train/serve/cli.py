@@ -125,9 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     import uvicorn
 
+    from autoglm_train.model.plugin_io import PluginMismatchError
     from autoglm_train.serve.app import create_app
 
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except PluginMismatchError as err:  # a plugin trained for another decoder: one line, no traceback
+        sys.exit(f"error: {err}")
     log_startup(config, app)
     server = ready_server_class()(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
     server.ready_line = (

@@ -266,18 +266,23 @@ class Engine:
             if isinstance(event, Delta) and event.finish_reason:
                 open_jobs -= 1
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams, logprobs: list[list[float]] | None = None):
         """Every prompt's generated token ids (EOS included when reached), batched on the calling thread.
 
         The evaluation's call: the scheduler's own steps, driven here instead of on its loop thread.
+        With ``params.logprobs`` set, each token's logprob is appended to ``logprobs`` (one list per prompt).
         """
         tokens: list[list[int]] = [[] for _ in prompts]
+        if logprobs is not None:
+            logprobs[:] = [[] for _ in prompts]
 
         def collect(index: int, event: Event | BaseException) -> None:
             if isinstance(event, BaseException):
                 raise event
             if isinstance(event, Delta):
                 tokens[index] += event.token_ids
+                if logprobs is not None:
+                    logprobs[index] += [r.logprob for r in event.logprobs]
 
         cancel = threading.Event()
         self.scheduler.run_here(

@@ -29,7 +29,17 @@ class SensorPlugin(ModalityPlugin):
         return self.width
 
     def preprocess(self, items: list[Any]) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(self.in_dim) for x in items])
+        """Readings of ``in_dim`` numbers (lists, as a JSON request part carries them) → ``[B, in_dim]``."""
+        out = []
+        for i, item in enumerate(items):
+            try:
+                x = torch.as_tensor(item, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"plugin {self.name}: item {i} is not a list of numbers ({err})") from err
+            if x.numel() != self.in_dim or not bool(torch.isfinite(x).all()):
+                raise ValueError(f"plugin {self.name}: item {i} needs {self.in_dim} finite numbers, got {x.numel()}")
+            out.append(x.reshape(self.in_dim))
+        return torch.stack(out)
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.encoder(inputs).view(inputs.shape[0], self.num_tokens, self.width)
