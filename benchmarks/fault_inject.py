@@ -568,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="keep runs here (default: a temp dir, removed)")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--from-json", help="render (and write) the table of an earlier --json result instead of running")
     args = p.parse_args(argv)
+    if args.from_json:
+        return report(json.loads(Path(args.from_json).read_text()), args, argv)
     allowed = DIST_KINDS if args.strategy else KINDS
     args.kinds = args.kinds or list(allowed)
     if bad := [k for k in args.kinds if k not in allowed]:
@@ -600,16 +603,39 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     result = summary(trials, ref_seconds, time.monotonic() - start, args)
+    result["argv"] = list(argv if argv is not None else sys.argv[1:])
+    result["strategies"] = args.strategy
+    result["shape"] = asdict(shape)
+    result["collective_timeout"] = args.collective_timeout
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return report(result, args, argv)
+
+
+def _trials_from(result: dict) -> list[Trial]:
+    trials = []
+    for raw in result["trial_details"]:
+        events = [Event(**e) for e in raw.pop("events")]
+        trials.append(Trial(**raw, events=events))
+    return trials
+
+
+def report(result: dict, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Print the table and verdict of ``result`` (from :func:`summary`), and write the RESULTS.md section."""
+    trials = _trials_from(result)
+    strategies = result.get("strategies")
+    shape = Shape(**result.get("shape", {}))
+    timeout = result.get("collective_timeout", args.collective_timeout)
     k = result["kills_by_kind"]
-    if args.strategy:
+    if strategies:
         text = dist_table(trials)
         verdict = (
-            f"{result['trials']} trial(s) over {', '.join(args.strategy)}, {result['kills']} faults ({k['rank']} "
+            f"{result['trials']} trial(s) over {', '.join(strategies)}, {result['kills']} faults ({k['rank']} "
             f"SIGKILLs of one rank inside a step, {k['ckpt']} SIGKILLs of every rank inside the checkpoint writer, "
             f"{k['sigterm']} SIGTERMs), {result['resumes']} resumes, {result['faults_missed']} fault(s) the run "
             f"outran; problems: {len(result['problems'])}; max |Δloss| {result['max_loss_diff']:.1e} (tol "
             f"{LOSS_TOL:g}), max |Δweight| {result['max_weight_diff']:.1e} (tol {WEIGHT_TOL:g}); slowest survivor exit "
-            f"{result['max_survivor_exit_s']} s (collective timeout {args.collective_timeout:g} s), "
+            f"{result['max_survivor_exit_s']} s (collective timeout {timeout:g} s), "
             f"{result['lost_rank_lines']} lost-rank line(s); {result['total_seconds']:.0f} s total."
         )
     else:
@@ -625,14 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     print(text + "\n\n" + verdict)
     for problem in result["problems"]:
         print("PROBLEM:", problem)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
     if not args.no_write:
         sys.path.insert(0, str(Path(__file__).parent))
         from results import write_section
 
-        argv_text = " ".join(argv if argv is not None else sys.argv[1:])
-        if args.strategy:
+        argv_text = " ".join(result.get("argv") or (argv if argv is not None else sys.argv[1:]))
+        if strategies:
             body = (
                 f"Tiny `recipe=distill` on 2 CPU processes (gloo) per strategy ({shape.steps} steps, checkpoint every "
                 f"{shape.every}, keep {shape.keep}), faulted and resumed until it finishes; each run is compared with "

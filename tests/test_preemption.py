@@ -260,3 +260,55 @@ def test_fault_inject_distributed_strategy(tmp_path, strategy):
     numbers = json.loads(out.read_text())
     assert numbers["problems"] == [] and numbers["kills"] + numbers["faults_missed"] == 3
     assert numbers["max_loss_diff"] <= 1e-5 and numbers["max_weight_diff"] <= 1e-6
+
+
+class _Draws(__import__("lightning").LightningModule):
+    """A module whose every step draws from torch's global RNG (as dropout or on-policy sampling do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.draws: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        noise = torch.rand(1)
+        self.draws[self.trainer.global_step + 1] = float(noise)
+        return (self.w * (batch.float().mean() + noise)).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_draws(root: Path, steps: int, ckpt: str | None = None) -> dict[int, float]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from autoglm_train.tasks.rng_state import RNGStates
+    from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
+
+    L.seed_everything(0)
+    module = _Draws()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            RNGStates(),
+            ModelCheckpoint(dirpath=root, filename="step={step}", auto_insert_metric_name=False, every_n_train_steps=2),
+        ],
+        plugins=[SafetensorsCheckpointIO()],
+    )
+    trainer.fit(module, DataLoader(torch.arange(8), batch_size=1), ckpt_path=ckpt)
+    return module.draws
+
+
+def test_resumed_run_draws_the_random_numbers_of_the_uninterrupted_one(tmp_path):
+    straight = _fit_draws(tmp_path / "a", 4)
+    _fit_draws(tmp_path / "b", 2)
+    resumed = _fit_draws(tmp_path / "b", 4, ckpt=str(tmp_path / "b" / "step=2.ckpt"))
+    assert sorted(resumed) == [3, 4]
+    assert resumed == {s: straight[s] for s in (3, 4)}  # seed_everything alone would replay steps 1-2's draws

@@ -10,13 +10,41 @@ the callback state for every strategy); a rank restores its own entry right befo
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 log = logging.getLogger(__name__)
+
+
+def collect() -> dict[str, Any]:
+    """This process's random states as tensors and plain numbers only: every checkpoint format stores them, and
+    ``torch.load(weights_only=True)`` (FSDP2's ``meta.pt``, DeepSpeed's client state) reads them back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(state: dict[str, Any]) -> None:
+    """Set this process's random states from :func:`collect`'s dict."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RNGStates(L.Callback):
@@ -27,7 +55,7 @@ class RNGStates(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank while the checkpoint dict is built, so the gather is a matched collective.
-        local = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        local = collect()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, local)  # in memory only; the file stays safetensors
@@ -53,7 +81,4 @@ class RNGStates(L.Callback):
                 rank,
             )
             return
-        state = dict(states[rank])
-        if "torch.cuda" in state and not torch.cuda.is_available():
-            state.pop("torch.cuda")
-        _set_rng_states(state)
+        restore(states[rank])
