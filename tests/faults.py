@@ -63,16 +63,23 @@ class KillAtStep(L.Callback):
     before its optimizer update). ``rank``: only that rank dies; ``group``: every rank dies. No cleanup runs."""
 
     def __init__(
-        self, step: int, rank: int | None = None, mid: bool = False, group: bool = False, note: str | None = None
+        self,
+        step: int,
+        rank: int | None = None,
+        mid: bool = False,
+        group: bool = False,
+        note: str | None = None,
+        sig: str = "SIGKILL",
     ) -> None:
         self.step, self.rank, self.mid, self.group, self.note = step, rank, mid, group, note
+        self.sig = signal.Signals[sig]  # SIGSTOP: the rank hangs instead of dying
 
     def _fire(self, trainer) -> None:
         if self.rank is not None and trainer.global_rank != self.rank:
             return
         row = {"event": "kill", "rank": trainer.global_rank, "step": trainer.global_step, "pid": os.getpid()}
         _note(self.note, row)
-        _kill_group_or_self(self.group)
+        _kill_group_or_self(self.group, self.sig)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.mid and trainer.global_step + 1 >= self.step:

@@ -29,7 +29,9 @@ STEPS = 4
 TIMEOUT_S = 30  # fault_tolerance.collective_timeout_s for these runs
 
 
-def _overrides(root: Path, corpus: Path, callbacks: list[str], trainer: str = "ddp") -> list[str]:
+def _overrides(
+    root: Path, corpus: Path, callbacks: list[str], trainer: str = "ddp", timeout_s: float = TIMEOUT_S
+) -> list[str]:
     return [
         "recipe=distill",
         *MICRO_SHAPE,
@@ -48,7 +50,7 @@ def _overrides(root: Path, corpus: Path, callbacks: list[str], trainer: str = "d
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32",
-        f"fault_tolerance.collective_timeout_s={TIMEOUT_S}",
+        f"fault_tolerance.collective_timeout_s={timeout_s}",
         f"callbacks=[{', '.join(callbacks)}]",
     ]
 
@@ -159,6 +161,27 @@ def test_sigkilled_rank_makes_the_survivor_exit_within_the_timeout_naming_it(tmp
     assert find_last_checkpoint(tmp_path / "outputs" / "t" / "checkpoints").name == "step=000002.ckpt"
 
 
+def test_a_hung_rank_makes_the_survivor_exit_after_the_collective_timeout(tmp_path, corpus):
+    """Rank 1 freezes (SIGSTOP) inside step 3: rank 0 waits exactly the collective timeout, then names it."""
+    timeout_s = 8
+    note = tmp_path / "stop.jsonl"
+    stop = f"{{_target_: tests.faults.KillAtStep, step: 3, rank: 1, mid: true, note: {note}, sig: SIGSTOP}}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", *_overrides(tmp_path, corpus, [stop], timeout_s=timeout_s)]
+    with (tmp_path / "run.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=300)
+        ended = time.time()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the frozen rank never exits by itself
+    out = (tmp_path / "run.log").read_text()
+    waited = ended - json.loads(note.read_text())["t"]
+    assert timeout_s <= waited < timeout_s + 20, f"rank 0 left {waited:.1f} s after rank 1 froze"
+    assert rc == 75 and "error: rank 0 stops after step" in out and "lost rank 1 (pid" in out, out[-3000:]
+    assert "stopped answering: no heartbeat" in out
+
+
 # -------------------------------------------------------------------------------------------------------------
 # in-process: the pieces
 # -------------------------------------------------------------------------------------------------------------
@@ -194,7 +217,8 @@ def test_fault_tolerance_config_reaches_the_strategy_and_callbacks(tmp_path):
     ddp = [*base(tmp_path, tmp_path / "c.jsonl", 2), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     assert _compose(ddp).fault_tolerance.collective_timeout_s == 300  # minutes, not torch's 30
     trainer = build_trainer(_compose([*ddp, "fault_tolerance.collective_timeout_s=42"]))
-    assert trainer.strategy._timeout == timedelta(seconds=42)
+    assert trainer.strategy._timeout == timedelta(seconds=1800)  # the rendezvous; training lowers it to 42 s
+    assert next(c for c in trainer.callbacks if isinstance(c, Preemption)).collective_timeout_s == 42
     kinds = [type(c) for c in trainer.callbacks]
     assert Preemption in kinds and RNGStates in kinds
     # the preemption callback runs after the run's own per-step callbacks; ModelCheckpoint (Lightning puts it last)

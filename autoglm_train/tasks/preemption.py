@@ -22,8 +22,9 @@ with :data:`PREEMPTED_EXIT_CODE` (128 + SIGTERM: what SLURM, Kubernetes and Kube
 "terminated, retry"). Ranks started by Lightning's own launcher exit 0 instead: its child-process observer SIGKILLs
 the launching rank when a child exits non-zero, which would turn a clean stop into a kill.
 
-Lost ranks: the collective timeout (``fault_tolerance.collective_timeout_s``, given to the strategy's process group)
-bounds every wait; with gloo a SIGKILLed peer usually fails the next collective at once ("Connection closed by
+Lost ranks: the collective timeout (``fault_tolerance.collective_timeout_s``, set on every process group when training
+starts; the rendezvous before it keeps ``rendezvous_timeout_s``, since ranks may still be loading a teacher) bounds
+every wait; with gloo a SIGKILLed peer usually fails the next collective at once ("Connection closed by
 peer"). Each rank writes ``<output_dir>/.ranks/rank<N>.json`` (host, pid) and touches it every second; when a
 collective fails, :meth:`Preemption.on_exception` names the ranks whose process is gone (same host) or whose heartbeat
 stopped (other hosts), prints one ``error: ...`` line and ends the process with :data:`LOST_RANK_EXIT_CODE` without
@@ -46,6 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,24 @@ def cluster_environment_plugins() -> list[Any]:
     if SLURMEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
     return []
+
+
+def set_collective_timeout(seconds: float) -> int:
+    """Give every process group of this rank (the world and any the engine created, e.g. DeepSpeed's data-parallel
+    clone of it) ``seconds`` as its collective timeout; returns how many groups were set.
+
+    The strategy's own timeout also bounds the rendezvous, where a rank may still be loading a 9B teacher, so it stays
+    long (``fault_tolerance.rendezvous_timeout_s``); once every rank is training, a wait this long means a lost peer.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    timeout = timedelta(seconds=seconds)
+    groups = [pg for pg in c10d._world.pg_map if not c10d._rank_not_in_group(pg)]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -258,6 +278,8 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # Lightning's signal connector replaced the SIGTERM handler just before training
+        if self.collective_timeout_s and trainer.world_size > 1:
+            set_collective_timeout(float(self.collective_timeout_s))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":

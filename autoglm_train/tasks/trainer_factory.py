@@ -65,9 +65,15 @@ def prepare_strategy(cfg: DictConfig) -> None:
 
 def fault_tolerance(cfg: DictConfig) -> dict[str, Any]:
     """``cfg.fault_tolerance`` with defaults (signals, requeue, collective timeout); one-line errors for bad values."""
-    ft = {"signals": ["SIGTERM", "SIGUSR1"], "requeue": True, "collective_timeout_s": 300.0, "heartbeat_s": 1.0}
+    ft = {
+        "signals": ["SIGTERM", "SIGUSR1"],
+        "requeue": True,
+        "collective_timeout_s": 300.0,
+        "rendezvous_timeout_s": 1800.0,
+        "heartbeat_s": 1.0,
+    }
     ft.update(dict(cfg.get("fault_tolerance") or {}))
-    for key in ("collective_timeout_s", "heartbeat_s"):
+    for key in ("collective_timeout_s", "rendezvous_timeout_s", "heartbeat_s"):
         if not float(ft[key]) > 0:
             raise ValueError(f"fault_tolerance.{key}={ft[key]} must be a positive number of seconds")
     ft["signals"] = list(ft["signals"])
@@ -75,7 +81,9 @@ def fault_tolerance(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _strategy(cfg: DictConfig, timeout_s: float) -> Any:
-    """The configured strategy, built with the collective timeout (DDP, DeepSpeed and FSDP2 all take ``timeout``)."""
+    """The configured strategy with ``timeout_s`` as its process-group timeout (DDP, DeepSpeed and FSDP2 all take
+    ``timeout``): the rendezvous, where ranks may still be loading a large teacher. Once training starts,
+    :class:`~autoglm_train.tasks.preemption.Preemption` lowers every group's timeout to the collective timeout."""
     node = cfg.trainer.get("strategy")
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return node
@@ -129,7 +137,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list | None = None) -> L.Tra
     callbacks.append(preemption)
     extra: dict[str, Any] = {}
     if isinstance(cfg.trainer.get("strategy"), DictConfig):
-        extra["strategy"] = _strategy(cfg, float(ft["collective_timeout_s"]))
+        extra["strategy"] = _strategy(cfg, float(ft["rendezvous_timeout_s"]))
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
