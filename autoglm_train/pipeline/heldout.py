@@ -4,7 +4,9 @@
 
 The text is the distill run's validation split; the images and clips are the plugin runs' own
 held-out (test) split, rebuilt from each run's saved config with the same seeded split, so the
-server is never evaluated on an item its plugin trained on. ``tools/eval_server.py`` reads the
+server is never evaluated on an item its plugin trained on. Each row carries the run's own question and
+generation budget, so the served score is measured on the items and settings of the training-time one.
+``tools/eval_server.py`` reads the
 jsonl files (``texts.jsonl``, ``images.jsonl``, ``audio.jsonl``); ``manifest.json`` is written last.
 """
 
@@ -70,7 +72,7 @@ def write_images(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
     for i, pair in enumerate(pairs[:count]):
         name = f"images/{i:04d}.png"
         Image.fromarray(np.asarray(pair.media)).save(out / name)
-        rows.append({"image": name, "label": pair.label, "prompt": pair.question})
+        rows.append({"image": name, "label": pair.label, "prompt": pair.question, "max_tokens": _budget(run)})
     _jsonl(out / "images.jsonl", rows)
     return rows
 
@@ -83,9 +85,14 @@ def write_audio(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
         samples, rate = pair.media if isinstance(pair.media, tuple) else (pair.media, spec.source.sampling_rate)
         name = f"audio/{i:04d}.wav"
         _wav(out / name, np.asarray(samples, dtype=np.float32), int(rate))
-        rows.append({"audio": name, "text": pair.answer, "prompt": pair.question})
+        rows.append({"audio": name, "text": pair.answer, "prompt": pair.question, "max_tokens": _budget(run)})
     _jsonl(out / "audio.jsonl", rows)
     return rows
+
+
+def _budget(run: Path) -> int:
+    """The run's held-out generation budget: the served evaluation asks for the same ``max_tokens``."""
+    return int(json.loads((run / "run_summary.json").read_text())["eval_max_new_tokens"])
 
 
 def _wav(path: Path, samples: np.ndarray, rate: int) -> None:
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speech", type=Path, help="recipe=add_modality plugin=speech run (held-out speech clips)")
     p.add_argument("--out", required=True, type=Path, help="folder to create (written atomically)")
     p.add_argument("--texts", type=int, default=64, help="held-out texts at most")
-    p.add_argument("--items", type=int, default=100, help="images and clips at most, each")
+    p.add_argument("--items", type=int, default=None, help="images and clips at most, each (default: all held out)")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))

@@ -89,7 +89,7 @@ DEFAULT = Profile(
     speed_tokens=32,
     speed_repeats=3,
     eval_texts=64,
-    eval_items=100,
+    eval_items=1000,  # every held-out image and clip: the served score is on the training-time items
     eval_max_tokens=8,
     minutes="19",
 )

@@ -158,6 +158,10 @@ def distill_section(doc: Document, root: Path, figures: Path) -> None:
         doc.add(Code("\n".join(f"{p!r} → {s!r}" for p, s in summary["samples"].items())))
 
 
+# The served score of each plugin (eval/server.json), shown next to its training-time held-out score
+SERVED = {"vision": "vision/digit_accuracy", "speech": "speech/wer"}
+
+
 def plugins_section(doc: Document, root: Path, figures: Path) -> None:
     doc.add(Heading("Modality plugins (decoder frozen)"))
     summaries = {name: read_json(root / name / "run_summary.json") for name in PLUGINS}
@@ -185,6 +189,14 @@ def plugins_section(doc: Document, root: Path, figures: Path) -> None:
             k = key.format(p=name)
             row.append(cell(s, k, f"{name}/run_summary.json") if k in s else text("–"))
         rows.append(row)
+    served = read_json(root / "eval" / "server.json") or {}
+    for field, label in (("counts", "served items (OpenAI API)"), ("metrics", "served score (OpenAI API)")):
+        row = [text(label)]
+        for name in ran:
+            value = (served.get(field) or {}).get(SERVED[name])
+            where = f"eval/server.json#{field}.{SERVED[name]}"
+            row.append(Cell(fmt(value), value, where) if value is not None else text("–"))
+        rows.append(row)
     gate_row = [text("gate, last training step")]
     for name in ran:
         series = metrics[name].get(f"train/gate_{name}")
@@ -197,8 +209,10 @@ def plugins_section(doc: Document, root: Path, figures: Path) -> None:
             ["metric", *ran],
             rows,
             "plugins",
-            "Greedy generation on each run's held-out split through the saved plugin artifact, prompted as in "
-            "training (`{question}{media}`). Source: `<plugin>/run_summary.json`.",
+            "Held-out: greedy generation on each run's held-out split through the saved plugin artifact and the "
+            "serving engine, prompted as a chat client is (text, then media; the plugin's recorded prompt format). "
+            "Served: the same items asked through `/v1/chat/completions` of the exported bundle. Sources: "
+            "`<plugin>/run_summary.json`, `eval/server.json`.",
         )
     )
     png = plugin_curves(metrics, figures / "plugins.png")

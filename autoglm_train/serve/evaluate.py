@@ -8,7 +8,8 @@
 - **teacher agreement**: how often the served model's most likely next token is the teacher's,
   where both tokenize a text the same way; the teacher is another such server or a local HF model;
 - **digit accuracy** of ``--images`` (jsonl: ``{"image": "a.png", "label": "7"}``) and **WER** of
-  ``--audio`` (jsonl: ``{"audio": "a.wav", "text": "..."}``) through chat image/audio content parts.
+  ``--audio`` (jsonl: ``{"audio": "a.wav", "text": "..."}``) through chat image/audio content parts
+  (a row's optional ``prompt`` and ``max_tokens`` override the defaults).
 
 Text files: ``.txt`` (one text per non-empty line) or ``.jsonl`` (a ``text`` field). Media paths in
 a jsonl are relative to the jsonl's folder.
@@ -64,6 +65,7 @@ class Report:
         return {
             "model": self.model,
             "metrics": {r.metric: r.value for r in self.rows},
+            "counts": {r.metric: r.count for r in self.rows},
             "rows": [vars(r) for r in self.rows],
         }
 
@@ -198,7 +200,7 @@ def digit_accuracy_row(server: Server, rows: list[dict[str, Any]], root: Path) -
             {"type": "text", "text": row.get("prompt", DIGIT_PROMPT)},
             {"type": "image_url", "image_url": {"url": data_url(root / row["image"])}},
         ]
-        outputs.append(server.chat(content, max_tokens=8))
+        outputs.append(server.chat(content, max_tokens=int(row.get("max_tokens", 8))))
         labels.append(str(row["label"]))
     value = digit_accuracy(labels, outputs) if rows else None
     return Row(
@@ -217,7 +219,7 @@ def wer_row(server: Server, rows: list[dict[str, Any]], root: Path, max_tokens: 
             {"type": "text", "text": row.get("prompt", SPEECH_PROMPT)},
             {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
         ]
-        hyps.append(server.chat(content, max_tokens=max_tokens))
+        hyps.append(server.chat(content, max_tokens=int(row.get("max_tokens", max_tokens))))
         refs.append(row["text"])
     value = wer(refs, hyps) if rows else None
     return Row("speech/wer", value, len(rows), time.perf_counter() - start, "corpus WER, normalised text")
