@@ -112,6 +112,36 @@ def test_bfloat16_int8_server_on_cpu(int8_bundle, reference):
     assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))
 
 
+@pytest.mark.parametrize("with_form", [True, False], ids=["int8-form", "in-memory"])
+def test_an_untied_decoder_keeps_two_int8_vocab_matrices(tmp_path, student_tok, with_form):
+    """GLM-4-9B-shaped decoders do not tie the head: both matrices are int8, the embedding still has a weight."""
+    from autoglm_train.export.int8 import write_int8
+    from autoglm_train.export.parity import TOLERANCES, TorchRunner, compare, reference_answers
+    from autoglm_train.model.decoder import build_decoder
+    from autoglm_train.model.hf_io import save_hf_decoder
+    from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
+    from autoglm_train.serve.quantize import load_serving_decoder
+    from tests.conftest import micro_spec
+
+    torch.manual_seed(0)
+    model = build_decoder(
+        micro_spec(tie_word_embeddings=False), len(student_tok), student_tok.pad_token_id, student_tok.eos_token_id
+    ).eval()
+    decoder_dir = save_hf_decoder(model, student_tok, tmp_path / "bundle" / "decoder")
+    if with_form:
+        write_int8(decoder_dir, tmp_path / "bundle" / "int8", tokenizer_dir=decoder_dir)
+    with one_thread():
+        decoder, _, description = load_serving_decoder(read_bundle(tmp_path / "bundle"), "cpu", "auto", "int8")
+        ref = reference_answers(model, student_tok, n_new=4)
+        report = compare("int8", "load_serving_decoder", TorchRunner(decoder), ref, TOLERANCES["int8"])
+    assert ("int8/" in description) is with_form and "vocab head and embedding int8" in description, description
+    head, embed = decoder.get_output_embeddings(), decoder.get_input_embeddings()
+    assert isinstance(head, Int8PackedLinear) and isinstance(embed, Int8Embedding)
+    assert embed.weight.qdata.dtype == torch.int8 and embed.weight.device.type == "cpu"
+    assert embed.weight.qdata.data_ptr() != head.qdata.data_ptr()
+    assert report.max_rel_logit_diff <= TOLERANCES["int8"].rtol, report.notes
+
+
 def test_unknown_quantization_or_dtype_is_refused(bundles):
     from autoglm_train.serve.quantize import load_serving_decoder
 

@@ -31,7 +31,7 @@ def int8_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
             continue
         if hasattr(t, "qdata"):  # a torchao Int8Tensor parameter
             name, q, scale = key, t.qdata, t.scale
-        elif key.endswith(".qdata"):  # Int8PackedLinear / untied Int8Embedding buffers
+        elif key.endswith(".qdata"):  # Int8PackedLinear buffers
             name, q, scale = key[: -len(".qdata")] + ".weight", t, sd[key[: -len(".qdata")] + ".scale"]
         else:
             out[key] = t.detach().float().contiguous()

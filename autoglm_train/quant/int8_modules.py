@@ -45,25 +45,30 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: Tensor, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if isinstance(weight, nn.Parameter) and hasattr(weight, "qdata"):
-            self.weight = weight  # registered, so state_dict and weight_bytes see the shared matrix
-            self._rows = None
-        else:
-            qdata, scale = int8_rows(weight)
-            self.register_buffer("qdata", qdata)
-            self.register_buffer("scale", scale)
-            self._rows = True
+        if not (isinstance(weight, nn.Parameter) and hasattr(weight, "qdata")):
+            # an untied float matrix: quantized here into the same Int8Tensor a tied head would hold, so every
+            # Int8Embedding has a ``weight`` Parameter (its device, state_dict name and bytes are the usual ones)
+            from torchao.quantization.granularity import PerRow
+            from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+            weight = nn.Parameter(Int8Tensor.from_hp(weight.detach(), PerRow()), requires_grad=False)
+        int8_rows(weight)  # refuses asymmetric or non-per-row weights up front
+        self.weight = weight  # registered, so state_dict and weight_bytes see the (possibly shared) matrix
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = (weight.shape[0], weight.shape[1])
 
-    def _qs(self) -> tuple[Tensor, Tensor]:
-        if self._rows:
-            return self.qdata, self.scale
-        return self.weight.qdata, self.weight.scale.reshape(-1)
+    @property
+    def qdata(self) -> Tensor:
+        """The int8 matrix [V, H] (shared with a tied head)."""
+        return self.weight.qdata
+
+    @property
+    def scale(self) -> Tensor:
+        """One float32 scale per row [V]."""
+        return self.weight.scale.reshape(-1)
 
     def forward(self, ids: Tensor) -> Tensor:
-        qdata, scale = self._qs()
-        return F.embedding(ids, qdata).to(self.dtype) * scale[ids].unsqueeze(-1).to(self.dtype)
+        return F.embedding(ids, self.qdata).to(self.dtype) * self.scale[ids].unsqueeze(-1).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
