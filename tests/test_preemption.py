@@ -30,13 +30,18 @@ TIMEOUT_S = 30  # fault_tolerance.collective_timeout_s for these runs
 
 
 def _overrides(
-    root: Path, corpus: Path, callbacks: list[str], trainer: str = "ddp", timeout_s: float = TIMEOUT_S
+    root: Path,
+    corpus: Path,
+    callbacks: list[str],
+    trainer: str = "ddp",
+    timeout_s: float = TIMEOUT_S,
+    steps: int = STEPS,
 ) -> list[str]:
     return [
         "recipe=distill",
         *MICRO_SHAPE,
         f"data.source={corpus}",
-        f"trainer.max_steps={STEPS}",
+        f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
@@ -67,15 +72,24 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
-def _run(root: Path, corpus: Path, *callbacks: str, limit: float = 300) -> tuple[int, str, float]:
+def _run(
+    root: Path,
+    corpus: Path,
+    *callbacks: str,
+    limit: float = 300,
+    extra: tuple[str, ...] = (),
+    trainer: str = "ddp",
+    steps: int = STEPS,
+) -> tuple[int, str, float]:
     """``train.py`` on 2 CPU processes in its own process group; waits for every rank. Returns (rc, log, end time)."""
     root.mkdir(parents=True, exist_ok=True)
     recorder = f"{{_target_: tests.faults.LossRecorder, path: {root / 'loss.jsonl'}}}"
     log_path = root / f"run-{time.monotonic_ns()}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    overrides = _overrides(root, corpus, [recorder, *callbacks], trainer, steps=steps)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "train.py", *_overrides(root, corpus, [recorder, *callbacks])],
+            [sys.executable, "train.py", *overrides, *extra],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -262,6 +276,32 @@ def test_zero_checkpoint_refuses_another_world_size_in_one_line(tmp_path):
     strategy = DeepSpeedStrategy(stage=2)  # one process: world size 1
     with pytest.raises(ConfigValueError, match="a ZeRO checkpoint of 2 ranks cannot resume on 1: DeepSpeed reshards"):
         strategy.load_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_two_process_checkpoint_resumes_on_one_process_with_the_same_loss_curve(tmp_path, corpus, trainer):
+    """2 ranks x batch 2 to step 4, then 1 rank x batch 4 (the same global batch) from that checkpoint: steps 5-6 give
+    the mean of the two ranks' losses of an uninterrupted 2-process run (DDP: full state; FSDP2: torch DCP reshards
+    the 2-rank shards onto 1). ZeRO refuses instead (test_zero_checkpoint_refuses_another_world_size_in_one_line)."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    rc, log, _ = _run(straight, corpus, trainer=trainer, steps=6)
+    assert rc == 0, log[-3000:]
+    want = _losses(straight)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "outputs", resumed / "outputs")
+    shutil.rmtree(resumed / "outputs" / "t" / "checkpoints" / "step=000006.ckpt")
+    shutil.rmtree(resumed / "outputs" / "t" / "student")
+    rc, log, _ = _run(resumed, corpus, trainer=trainer, steps=6, extra=("trainer.devices=1", "data.batch_size=4"))
+    assert rc == 0, log[-3000:]
+    assert "resuming from" in log and "step=000004.ckpt" in log
+    got = _losses(resumed)
+    assert sorted(got) == [(0, 5), (0, 6)]
+    for step in (5, 6):
+        mean = (want[(0, step)] + want[(1, step)]) / 2
+        assert abs(got[(0, step)] - mean) < 1e-4, (step, got[(0, step)], mean)
 
 
 @pytest.mark.slow
