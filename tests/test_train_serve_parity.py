@@ -12,6 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +197,46 @@ def test_toy_modality_is_served_through_its_own_content_part(trained, client, or
         _ask(client, p.question, {"type": "input_sensor", "input_sensor": {"data": p.media}}, order, 3) for p in pairs
     ]
     _assert_same_answers(served, rows, order, student_tok)
+
+
+@pytest.fixture(scope="module")
+def other_decoder(trained, student_tok) -> Path:
+    """A real decoder of another shape (wider FFN): the vision plugin was not trained against it."""
+    return save_micro_decoder(trained["root"] / "other-student", student_tok, seed=1, intermediate_size=96)
+
+
+def _fingerprints(trained, other: Path) -> tuple[str, str]:
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.manifest import pin_decoder
+    from autoglm_train.model.plugin_io import read_plugin_meta
+
+    trained_for = read_plugin_meta(trained["vision"]["artifact"])["decoder_fingerprint"]
+    from transformers import AutoTokenizer
+
+    tokenizer_ids = placeholder_ids(AutoTokenizer.from_pretrained(other))
+    return trained_for, pin_decoder(other, tokenizer_ids, hash_weights=False).fingerprint
+
+
+def test_export_refuses_a_plugin_pinned_to_another_decoder(trained, other_decoder, tmp_path, capsys):
+    out = tmp_path / "refused"
+    argv = ["--decoder", str(other_decoder), "--out", str(out), "--plugin", trained["vision"]["artifact"]]
+    assert export_main([*argv, "--no-int8", "--gguf", "none", "--no-onnx", "--no-verify", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    trained_for, other = _fingerprints(trained, other_decoder)
+    assert trained_for != other
+    assert "export refused" in error and trained_for[:12] in error and other[:12] in error
+    assert "config.json" in error and not out.exists()
+
+
+def test_server_refuses_to_start_with_a_plugin_pinned_to_another_decoder(trained, other_decoder, tmp_path):
+    """A hand-assembled bundle (another decoder + the vision plugin copied in): the server exits with one line."""
+    bundle = tmp_path / "mismatched"
+    argv = ["--decoder", str(other_decoder), "--out", str(bundle), "--no-int8", "--gguf", "none", "--no-onnx"]
+    assert export_main([*argv, "--no-verify", "--quiet"]) == 0
+    shutil.copytree(trained["vision"]["artifact"], bundle / "plugins" / "vision")
+    cmd = [sys.executable, "-m", "autoglm_train.serve", "--bundle", str(bundle), "--port", "0", "--no-auth"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    trained_for, other = _fingerprints(trained, other_decoder)
+    assert last.startswith("error: plugin vision") and trained_for in last and other in last
