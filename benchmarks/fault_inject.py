@@ -181,8 +181,9 @@ def overrides(
     ]
 
 
-def read_losses(path: Path) -> list[tuple[tuple[int, int], float, str]]:
-    """``((rank, step), loss, rng hash)`` records in order; a line torn by a kill (never seen so far) is dropped."""
+def read_losses(path: Path) -> list[tuple[tuple[int, int], float, str, str]]:
+    """``((rank, step), loss, rng hash, batch hash)`` records in order; a line torn by a kill (never seen so far) is
+    dropped."""
     if not path.exists():
         return []
     rows = []
@@ -191,7 +192,8 @@ def read_losses(path: Path) -> list[tuple[tuple[int, int], float, str]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        rows.append(((int(row.get("rank", 0)), int(row["step"])), float(row["loss"]), str(row.get("rng", ""))))
+        key = (int(row.get("rank", 0)), int(row["step"]))
+        rows.append((key, float(row["loss"]), str(row.get("rng", "")), str(row.get("batch", ""))))
     return rows
 
 
@@ -278,7 +280,7 @@ def run_train(
                 proc.wait()
                 raise TimeoutError(f"train.py ran over {timeout:.0f} s; log: {log_path}")
             if fault is not None and fault.kind == "external":
-                done = [s for s, _ in read_losses(losses)[earlier:]]
+                done = [key[1] for key, *_ in read_losses(losses)[earlier:]]
                 if killed_at is None and done and done[-1] >= fault.step:
                     killed_at = time.monotonic() + fault.delay
                 if killed_at is not None and time.monotonic() >= killed_at:
@@ -357,7 +359,7 @@ def reference_run(
     rc, out, seconds, _ = run_train(root, corpus, shape, None, threads, timeout, strategy)
     if rc != 0:
         raise RuntimeError(f"reference run failed ({rc}):\n{out[-3000:]}")
-    losses = {key: (loss, rng) for key, loss, rng in read_losses(root / "loss.jsonl")}
+    losses = {key: (loss, rng, batch) for key, loss, rng, batch in read_losses(root / "loss.jsonl")}
     ranks = range(2 if strategy else 1)
     if sorted(losses) != [(r, s) for r in ranks for s in range(1, shape.steps + 1)]:
         raise RuntimeError(f"reference run recorded (rank, step) {sorted(losses)}")
@@ -401,7 +403,7 @@ def run_trial(
             trial.problems.append(f"run {n}: resumed from {match[1]}, not a complete checkpoint")
         if resumed != expected:
             trial.problems.append(f"run {n}: resumed from step {resumed}, newest complete checkpoint is {expected}")
-        new = [key for key, _, _ in read_losses(root / "loss.jsonl")[seen:] if key[0] == 0]
+        new = [key for key, *_ in read_losses(root / "loss.jsonl")[seen:] if key[0] == 0]
         first = new[0][1] if new else None
         if first is not None and first != resumed + 1:
             trial.problems.append(f"run {n}: first step after resume is {first}, expected {resumed + 1}")
@@ -430,11 +432,13 @@ def run_trial(
     if trial.events[-1].debris:  # resume deletes interrupted writes before the run saves again
         trial.problems.append(f"scratch left after the final run: {trial.events[-1].debris}")
     records = read_losses(root / "loss.jsonl")
-    keys = {key for key, _, _ in records}
+    keys = {key for key, *_ in records}
     if keys != set(ref_losses):
         trial.problems.append(f"(rank, step) recorded {sorted(keys)} != reference {sorted(ref_losses)}")
-    for key, loss, rng_hash in records:
-        want, want_rng = ref_losses.get(key, (float("inf"), ""))
+    for key, loss, rng_hash, batch_hash in records:
+        want, want_rng, want_batch = ref_losses.get(key, (float("inf"), "", ""))
+        if want_batch and batch_hash != want_batch:  # the data position: same input ids as the reference
+            trial.problems.append(f"rank {key[0]} step {key[1]}: batch {batch_hash} != reference {want_batch}")
         trial.max_loss_diff = max(trial.max_loss_diff, abs(loss - want))
         if rng_hash != want_rng:
             trial.problems.append(f"rank {key[0]} step {key[1]}: random state {rng_hash} != reference {want_rng}")

@@ -34,24 +34,28 @@ def _note(path: str | None, row: dict) -> None:
 
 
 class LossRecorder(L.Callback):
-    """Append ``{"step", "loss", "rank", "rng"}`` per optimizer step to a JSONL file, fsynced (survives SIGKILL).
+    """Append ``{"step", "loss", "rank", "rng", "batch"}`` per optimizer step to a JSONL file, fsynced (survives
+    SIGKILL).
 
-    ``rng``: a hash of this rank's torch random state when the step began, so a resumed run can be checked to draw
-    the same numbers as an uninterrupted one.
+    ``rng``: a hash of this rank's torch random state when the step began, ``batch``: of its input ids, so a resumed run
+    can be checked to draw the same numbers and read the same data as an uninterrupted one.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._rng = ""
+        self._rng = self._batch = ""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import torch
 
         self._rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        self._batch = hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:12] if ids is not None else ""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         row = {"step": trainer.global_step, "loss": float(loss), "rank": trainer.global_rank, "rng": self._rng}
+        row["batch"] = self._batch
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -282,8 +282,12 @@ class Preemption(L.Callback):
             set_collective_timeout(float(self.collective_timeout_s))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Restore the signal handlers and remove this rank's heartbeat (also on the exception path, where Lightning
+        calls no ``teardown`` hook)."""
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
@@ -334,11 +338,12 @@ class Preemption(L.Callback):
     # -- lost ranks ---------------------------------------------------------------------------------------------
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, Preempted) or trainer.world_size <= 1 or self._heartbeat is None:
+        heartbeat = self._heartbeat
+        if isinstance(exception, Preempted) or heartbeat is None or not _looks_distributed(exception):
+            self._cleanup()  # a preemption, a single process, a bug or a config error: Lightning's path, traceback kept
             return
-        if not _looks_distributed(exception):
-            return  # a bug or a config error: keep Lightning's path and the traceback
-        lost = self._heartbeat.lost_peers(trainer.world_size)
+        lost = heartbeat.lost_peers(trainer.world_size)
+        self._cleanup()
         first = " ".join(str(exception).split())[:200]
         if lost:
             what = "; ".join(lost)
