@@ -269,8 +269,9 @@ class Engine:
     def generate(self, prompts: list[Prompt], params: SamplingParams, logprobs: list[list[float]] | None = None):
         """Every prompt's generated token ids (EOS included when reached), batched on the calling thread.
 
-        The evaluation's call: the scheduler's own steps, driven here instead of on its loop thread.
-        With ``params.logprobs`` set, each token's logprob is appended to ``logprobs`` (one list per prompt).
+        The evaluation's call: the scheduler's own steps, driven here instead of on its loop thread (or joining
+        the loop's running batch when this engine already serves requests). With ``params.logprobs`` set, each
+        token's logprob is appended to ``logprobs`` (one list per prompt).
         """
         tokens: list[list[int]] = [[] for _ in prompts]
         if logprobs is not None:
@@ -284,6 +285,10 @@ class Engine:
                 if logprobs is not None:
                     logprobs[index] += [r.logprob for r in event.logprobs]
 
+        if self.scheduler.serving:
+            for index, event in self.stream_many([(p, params) for p in prompts], threading.Event()):
+                collect(index, event)
+            return tokens
         cancel = threading.Event()
         self.scheduler.run_here(
             [Sequence(p, params, lambda e, i=i: collect(i, e), cancel) for i, p in enumerate(prompts)]

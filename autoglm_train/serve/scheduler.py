@@ -135,6 +135,11 @@ class Scheduler:
                 self._thread.start()
             self._wake.notify()
 
+    @property
+    def serving(self) -> bool:
+        """True once the loop thread runs (a server engine); :meth:`run_here` is then refused."""
+        return self._thread is not None and self._thread.is_alive()
+
     def run_here(self, sequences: list[Sequence]) -> None:
         """Run ``sequences`` to the end on the calling thread: the same steps, no loop thread.
 
@@ -142,7 +147,7 @@ class Scheduler:
         autocast and device context; an engine serving requests uses :meth:`submit`.
         """
         with self._wake:
-            if self._thread is not None and self._thread.is_alive():
+            if self.serving:
                 raise RuntimeError("run_here: the loop thread is serving requests; submit() instead")
             self._waiting.extend(sequences)
         while self._waiting or self._running:
