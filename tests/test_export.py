@@ -45,15 +45,20 @@ def student_dir(tmp_path_factory, student_tok) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sensor_dir(tmp_path_factory) -> Path:
+def sensor_dir(tmp_path_factory, student_dir, student_tok) -> Path:
+    """A plugin artifact pinned to ``student_dir`` (the export refuses one trained against another decoder)."""
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.manifest import pin_decoder
     from autoglm_train.model.plugin_io import save_plugin
     from tests.toy.sensor import SensorPlugin
 
     torch.manual_seed(1)
+    pin = pin_decoder(student_dir, placeholder_ids(student_tok))
     plugin = SensorPlugin("sensor", hidden_size=32, placeholder="<|modality_0|>", num_tokens=4)
-    folder = save_plugin(plugin, tmp_path_factory.mktemp("plugins") / "sensor", decoder_fingerprint="micro")
+    folder = save_plugin(plugin, tmp_path_factory.mktemp("plugins") / "sensor", decoder_fingerprint=pin.fingerprint)
     # recipe=add_modality artifacts also carry their own manifest.json (decoder pin); it must travel along.
-    (folder / "manifest.json").write_text(json.dumps({"format": "autoglm-train/plugin", "plugin": "sensor"}))
+    artifact = {"format": "autoglm-train/plugin", "plugin": "sensor", "decoder": pin.to_dict()}
+    (folder / "manifest.json").write_text(json.dumps(artifact))
     (folder / "notes.txt").write_text("not part of the artifact")
     return folder
 

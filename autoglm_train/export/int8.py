@@ -90,6 +90,7 @@ def write_int8(src: Path, out: Path, tokenizer_dir: Path | None = None) -> dict[
         tokenizer_dir: where the tokenizer, chat template and generation config to ship come from (the
             bundle's ``decoder/``); None ships none (the form then loads, but has no tokenizer of its own).
     """
+    hf_quant = torchao_config()  # first: without torchao this names the extra to install
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     from transformers import AutoConfig
@@ -98,7 +99,6 @@ def write_int8(src: Path, out: Path, tokenizer_dir: Path | None = None) -> dict[
     config = read_config(src)
     tied = bool(config.get("tie_word_embeddings"))
     quantizable = _quantizable(config)
-    hf_quant = torchao_config()
     state: dict[str, torch.Tensor] = {}
     quantized = []
     for name, tensor in iter_tensors(src):
