@@ -60,11 +60,10 @@ def is_standard_int8(directory: str | Path) -> bool:
     return quant.get("quant_method") == QUANT_METHOD
 
 
-def _quantizable(config: dict[str, Any]) -> set[str]:
+def _quantizable(hf_config) -> set[str]:
     """Weight names of the ``nn.Linear``/``nn.Embedding`` modules, read from the model built on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf_config = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)}
@@ -96,9 +95,9 @@ def write_int8(src: Path, out: Path, tokenizer_dir: Path | None = None) -> dict[
     from transformers import AutoConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    config = read_config(src)
-    tied = bool(config.get("tie_word_embeddings"))
-    quantizable = _quantizable(config)
+    hf_config = AutoConfig.from_pretrained(str(src))
+    tied = bool(read_config(src).get("tie_word_embeddings"))
+    quantizable = _quantizable(hf_config)
     state: dict[str, torch.Tensor] = {}
     quantized = []
     for name, tensor in iter_tensors(src):
@@ -111,7 +110,6 @@ def write_int8(src: Path, out: Path, tokenizer_dir: Path | None = None) -> dict[
             state[name] = tensor.float().contiguous()
     tensors, metadata = flatten_tensor_state_dict(state)
     save_file(tensors, str(out / WEIGHTS), metadata={**metadata, "format": "pt"})
-    hf_config = AutoConfig.from_pretrained(str(src))
     hf_config.quantization_config = hf_quant
     hf_config.save_pretrained(str(out))
     if tokenizer_dir is not None:
