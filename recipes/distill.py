@@ -49,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
             "teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3 "
             f"(this run: {_strategy_name(trainer)})"
         )
+    _check_on_policy(cfg)
     teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
     base_vocab = len(teacher_tokenizer)
     own = cfg.recipe.student_tokenizer
@@ -89,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
 
     def make_student() -> torch.nn.Module:
         student = build_decoder(spec, *token_ids, device=None, dtype=None)
-        if mapped is not None:
+        if mapped is not None and not next(student.parameters()).is_meta:  # FSDP2's other ranks: rank 0 broadcasts
             load_mapped(student, mapped)
         if qat:
             from autoglm_train.quant.qat import prepare_qat
@@ -115,6 +116,7 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         plan.kd_vocab_size,
         shard_teacher=teacher_spec.shard,
+        seed=cfg.seed,
     )
     ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg), formats={checkpoint_format(trainer)})
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
@@ -179,6 +181,24 @@ def _teacher_init(
     batches = calibration_batches(data.data.train, init.calibration_blocks, init.calibration_batch_size)
     spec, mapped, sel = teacher_initialised(teacher, model, init, batches, vocab_rows)
     return spec, mapped, {"init": "teacher", "layer_score": init.layer_score, "layers": sel.layers, **sel.scores}
+
+
+def _check_on_policy(cfg: DictConfig) -> None:
+    """On-policy batches (``loss.lmbda`` > 0) need a live teacher, a KD term and room for a prompt in each block."""
+    lmbda = float(cfg.loss.get("lmbda", 0.0))
+    if lmbda <= 0:
+        return
+    if cfg.recipe.teacher_cache.enabled:
+        raise ConfigValueError(
+            f"loss.lmbda={lmbda} with recipe.teacher_cache.enabled=true: the cached top-k scores the training text, "
+            "not the student's samples; turn one off"
+        )
+    if float(cfg.loss.kd_ratio) <= 0:
+        raise ConfigValueError(f"loss.lmbda={lmbda} with loss.kd_ratio=0: on-policy batches train the KD term only")
+    if int(cfg.loss.max_new_tokens) > int(cfg.data.seq_len):
+        raise ConfigValueError(
+            f"loss.max_new_tokens={cfg.loss.max_new_tokens} > data.seq_len={cfg.data.seq_len}: no room for a prompt"
+        )
 
 
 def _strategy_name(trainer: L.Trainer) -> str:

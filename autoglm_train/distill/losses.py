@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from autoglm_train.distill.on_policy import OnPolicySpec
+
 Head = Callable[[Tensor], Tensor]
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 TOPK_KINDS = ("forward_kl", "reverse_kl", "tvd")
@@ -176,6 +178,10 @@ class KDLoss(nn.Module):
         kd_ratio: weight of the KD term in [0, 1]; the CE term gets 1 − kd_ratio.
         chunk_size: positions per chunk; bounds the logits memory to chunk_size × V.
         ignore_index: label value of positions that are skipped entirely.
+        lmbda: on-policy fraction (GKD's λ): the probability that the task replaces a batch by the student's own
+            continuations, scored by the teacher (:mod:`autoglm_train.distill.on_policy`); 0 = off-policy only.
+        gen_temperature: sampling temperature of those continuations (0 = greedy).
+        max_new_tokens: tokens the student writes per on-policy sequence.
     """
 
     def __init__(
@@ -187,8 +193,12 @@ class KDLoss(nn.Module):
         kd_ratio: float = 0.5,
         chunk_size: int = 256,
         ignore_index: int = -100,
+        lmbda: float = 0.0,
+        gen_temperature: float = 1.0,
+        max_new_tokens: int = 64,
     ) -> None:
         super().__init__()
+        self.on_policy = OnPolicySpec(lmbda, gen_temperature, max_new_tokens)
         if kind not in KD_KINDS:
             raise ValueError(f"loss.kind={kind!r} is not one of {list(KD_KINDS)}")
         if not temperature > 0:
@@ -211,7 +221,8 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, temperature={self.temperature}, kd_ratio={self.kd_ratio}, chunk_size={self.chunk_size}"
+            f"kind={self.kind}, temperature={self.temperature}, kd_ratio={self.kd_ratio}, "
+            f"chunk_size={self.chunk_size}, lmbda={self.on_policy.lmbda}"
         )
 
     def forward(
@@ -223,6 +234,7 @@ class KDLoss(nn.Module):
         teacher_head: Head | None = None,
         teacher_topk: tuple[Tensor, Tensor] | None = None,
         vocab_size: int | None = None,
+        with_ce: bool = True,
     ) -> KDLossOutput:
         """Loss from hidden states.
 
@@ -235,6 +247,8 @@ class KDLoss(nn.Module):
             teacher_topk: instead of the two above, (log-probs [B, T, k], ids [B, T, k]).
             vocab_size: number of real vocab columns compared by the KD term; None compares
                 all of them (teacher and student widths must then be equal).
+            with_ce: False on on-policy batches, whose "labels" are the student's own samples: the loss is then
+                ``kd_ratio·τ²·mean(D)`` alone (``ce_loss`` is still reported).
         """
         mode = self._mode(student_hidden, labels, teacher_hidden, teacher_head, teacher_topk)
         flat_labels = labels.reshape(-1)
@@ -261,7 +275,7 @@ class KDLoss(nn.Module):
         if _fusable(student_head):
             # The fast path: each chunk's gradient is computed in the forward pass, nothing is recomputed.
             loss, kd_sum, ce_sum = _FusedKD.apply(
-                h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self
+                h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self, with_ce
             )
             kd_loss = kd_sum * (self.temperature**2 / n)
             ce_loss = ce_sum / n
@@ -284,7 +298,7 @@ class KDLoss(nn.Module):
 
         kd_loss = kd_sum * (self.temperature**2 / n)
         ce_loss = ce_sum / n
-        loss = self.kd_ratio * kd_loss + (1.0 - self.kd_ratio) * ce_loss
+        loss = self.kd_ratio * kd_loss + (1.0 - self.kd_ratio) * ce_loss if with_ce else self.kd_ratio * kd_loss
         return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
 
     def _teacher_logp(
@@ -306,7 +320,7 @@ class KDLoss(nn.Module):
                         f"teacher gives {t_logits.shape[-1]} logits and student {width}; pass "
                         "vocab_size to compare only the shared real vocabulary"
                     )
-                return F.log_softmax(t_logits / tau, dim=-1)
+                return F.log_softmax(t_logits if tau == 1.0 else t_logits / tau, dim=-1)
             # log p/τ renormalised over k == softmax(logits/τ) restricted to the top-k ids.
             return F.log_softmax(_upcast(t_logp) / tau, dim=-1)
 
@@ -341,11 +355,20 @@ class KDLoss(nn.Module):
                 shared = tau == 1.0 and width == z.shape[-1]
                 s_logp = logq if shared else F.log_softmax(z_kd / tau, dim=-1)
                 p = teacher_logp.exp()
-                # Σ p·(log p − log q) as two fused dot products; p = 0 where log p = −inf, so clamp that to finite.
+                # Σ p·(log p − log q) over the chunk as two BLAS dot products (no [c, V] temporary); p = 0 where
+                # log p = −inf, so that is clamped to a finite value first (0·finite = 0, not nan).
                 teacher_logp.clamp_(min=torch.finfo(teacher_logp.dtype).min)
-                kd = (torch.linalg.vecdot(p, teacher_logp) - torch.linalg.vecdot(p, s_logp)).sum()
+                kd = torch.dot(p.view(-1), teacher_logp.view(-1)) - torch.dot(p.view(-1), s_logp.reshape(-1))
+                if coef is not None and shared:
+                    # (c_ce + c_kd)·q − c_kd·p in place; the CE one-hot is subtracted below.
+                    c_kd, c_ce = coef
+                    grad_z = q.mul_(c_ce + c_kd).sub_(p, alpha=c_kd)
+                    grad_z[torch.arange(z.shape[0], device=z.device), y] -= c_ce
+                    return kd, ce, grad_z
                 if coef is not None:
-                    grad_kd = (q if shared else s_logp.exp()).sub(p).div_(tau)
+                    grad_kd = s_logp.exp().sub_(p)
+                    if tau != 1.0:
+                        grad_kd.div_(tau)
             else:
                 with torch.enable_grad():
                     leaf = z_kd.detach().requires_grad_(coef is not None)
@@ -462,11 +485,12 @@ class _FusedKD(torch.autograd.Function):
         vocab_size: int | None,
         mode: str,
         loss: KDLoss,
+        with_ce: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         need_grad = any(ctx.needs_input_grad[:3])
         n = h.shape[0]
         c_kd = loss.kd_ratio * loss.temperature**2 / n if mode != "none" else 0.0
-        c_ce = (1.0 - loss.kd_ratio) / n
+        c_ce = (1.0 - loss.kd_ratio) / n if with_ce else 0.0
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[2] else None
@@ -509,7 +533,7 @@ class _FusedKD(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: Tensor, _kd: Tensor, _ce: Tensor) -> tuple[Tensor | None, ...]:
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
         ctx.grads = None
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
+from autoglm_train.distill.on_policy import is_on_policy, on_policy_batch, sample_continuations, sampling_generator
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
 from autoglm_train.tasks.student_build import StudentFactory, build_student
 from autoglm_train.tasks.throughput import distill_step_flops
@@ -46,6 +48,8 @@ class DistillTask(L.LightningModule):
         kd_vocab_size: leading vocab columns shared by teacher and student.
         shard_teacher: under ZeRO-3, partition the teacher over the ranks too (``teacher.shard``); it stays outside
             the module tree, its engine is held like the teacher itself.
+        seed: base seed of the on-policy coin flips and samples (``loss.lmbda`` > 0); with the micro-batch counter
+            kept in the checkpoint it makes a resumed run sample what the uninterrupted one did.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class DistillTask(L.LightningModule):
         scheduler: Callable[..., Any] | None,
         kd_vocab_size: int,
         shard_teacher: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.student: nn.Module | None = student if isinstance(student, nn.Module) else None
@@ -70,6 +75,10 @@ class DistillTask(L.LightningModule):
         self.shard_teacher = shard_teacher
         self._teacher_engine: tuple[Any, ...] = ()  # a tuple, so the engine is not registered as a submodule
         self._val: dict[str, float] = {}
+        self.seed = seed
+        self._micro_batches = 0  # training micro-batches seen: the on-policy random numbers are a function of it
+        if loss.on_policy.lmbda > 0 and teacher is None:
+            raise ValueError(f"loss.lmbda={loss.on_policy.lmbda} needs a live teacher to score the student's samples")
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -119,7 +128,7 @@ class DistillTask(L.LightningModule):
         with torch.no_grad():
             return self._hidden(self.teacher, batch)
 
-    def _loss(self, batch: dict[str, torch.Tensor]):
+    def _loss(self, batch: dict[str, torch.Tensor], with_ce: bool = True):
         student_hidden = self._hidden(self.student, batch)
         cached = cached_teacher_topk(batch)
         teacher_hidden = self._teacher_hidden(batch) if cached is None else None  # cached: the teacher never runs
@@ -132,6 +141,7 @@ class DistillTask(L.LightningModule):
                 teacher_head=split_lm(self.teacher)[1] if teacher_hidden is not None else None,
                 teacher_topk=cached,
                 vocab_size=self.kd_vocab_size,
+                with_ce=with_ce,
             ),
             student_hidden,
             teacher_hidden,
@@ -144,9 +154,36 @@ class DistillTask(L.LightningModule):
         return distill_step_flops(self.student, teacher, batch_size, seq_len)
 
     # --- steps ------------------------------------------------------------------------
+    def maybe_on_policy(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
+        """(the batch to train on, generation seconds or None): with probability ``loss.lmbda`` the student's own
+        continuations of the batch's prefixes (:mod:`autoglm_train.distill.on_policy`), else the batch itself."""
+        spec = self.loss.on_policy
+        counter = self._micro_batches
+        self._micro_batches += 1
+        if not is_on_policy(spec.lmbda, self.seed, counter):
+            return batch, None
+        ids = batch["input_ids"]
+        if cached_teacher_topk(batch) is not None:
+            raise ValueError("loss.lmbda > 0 needs the live teacher: the top-k cache scores the data, not the samples")
+        if spec.max_new_tokens > ids.shape[1]:
+            raise ValueError(f"loss.max_new_tokens={spec.max_new_tokens} > the blocks' {ids.shape[1]} tokens")
+        _sync(ids.device)
+        start = time.perf_counter()
+        generator = sampling_generator(self.seed, counter, self.global_rank, ids.device)
+        prompts = ids[:, : ids.shape[1] - spec.max_new_tokens + 1]
+        new = sample_continuations(
+            self.student, prompts, spec.max_new_tokens, spec.temperature, generator, self.kd_vocab_size
+        )
+        _sync(ids.device)
+        return on_policy_batch(ids, new), time.perf_counter() - start
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out, _, _ = call_through_root(self.student, self._loss, batch)
+        batch, gen_seconds = self.maybe_on_policy(batch)
+        out, _, _ = call_through_root(self.student, self._loss, batch, gen_seconds is None)
         bs = batch["input_ids"].shape[0]
+        if self.loss.on_policy.lmbda > 0:
+            self.log("train/on_policy", float(gen_seconds is not None), batch_size=bs)
+            self.log("train/gen_seconds", gen_seconds or 0.0, batch_size=bs)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         self.log("train/kd_loss", out.kd_loss, batch_size=bs)
         self.log("train/ce_loss", out.ce_loss, batch_size=bs)
@@ -190,8 +227,14 @@ class DistillTask(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints hold the student only: asserted on every save, whatever the strategy."""
+        """Checkpoints hold the student only (asserted on every save, whatever the strategy), plus the on-policy
+        counter that the sampling random numbers are derived from."""
         assert_student_only(checkpoint.get("state_dict", {}).keys(), "student.")
+        checkpoint["on_policy"] = {"micro_batches": self._micro_batches, "seed": self.seed}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume the on-policy counter, so the next micro-batch draws what the interrupted run's would have."""
+        self._micro_batches = int(checkpoint.get("on_policy", {}).get("micro_batches", 0))
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -203,6 +246,12 @@ class DistillTask(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so generation time is the generation's own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cached_teacher_topk(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
