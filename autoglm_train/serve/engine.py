@@ -10,7 +10,6 @@ token, so a client that disconnects stops its generation within one step.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import queue
 import threading
@@ -24,6 +23,7 @@ from autoglm_train.model.decoder import MODALITY_TOKENS
 from autoglm_train.model.prompt_format import PromptFormat, render_chat
 from autoglm_train.serve.api_error import APIError
 from autoglm_train.serve.bundle import BundleInfo
+from autoglm_train.serve.quantize import load_serving_decoder
 from autoglm_train.serve.routing import PluginSlot, plugin_slots
 from autoglm_train.serve.sampling import SamplingParams
 from autoglm_train.serve.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
@@ -31,8 +31,6 @@ from autoglm_train.serve.scheduler import Delta, Event, Prompt, PromptScores, Sc
 log = logging.getLogger(__name__)
 
 __all__ = ["Delta", "Engine", "Prompt", "PromptScores"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Engine:
@@ -42,7 +40,7 @@ class Engine:
         bundle: what :func:`read_bundle` found.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         dtype: ``auto`` (float32 on CPU, the checkpoint's dtype on GPU) or a dtype name.
-        quantize: ``"int8"`` for weight-only int8 linear layers.
+        quantize: ``"int8"``: weight-only int8 with the device's fastest kernel (:mod:`.quantize`).
         max_model_len: prompt + completion bound; default the decoder's ``max_position_embeddings``.
         max_batch: sequences decoded together at most.
 
@@ -63,7 +61,7 @@ class Engine:
 
         self.bundle = bundle
         tokenizer = AutoTokenizer.from_pretrained(str(bundle.decoder_dir))
-        decoder, torch_dtype, quantization = _load_decoder(bundle, device, dtype, quantize)
+        decoder, torch_dtype, quantization = load_serving_decoder(bundle, device, dtype, quantize)
         check_plugin_pins(bundle, tokenizer)
         self._attach(decoder, tokenizer, torch_dtype, max_model_len, max_batch)
         self.quantization = quantization
@@ -182,7 +180,11 @@ class Engine:
 
     def describe(self) -> list[str]:
         """Start-up lines: which module, what precision, where."""
-        params = sum(p.numel() for p in self.decoder.parameters())
+        # int8pack weights are buffers, not parameters: count both (tied storage once)
+        tensors = {
+            t.data_ptr(): t.numel() for t in [*self.decoder.parameters(), *self.decoder.buffers()] if t.dim() > 1
+        }
+        params = sum(tensors.values())
         quant = f", {self.quantization}" if self.quantization else ""
         dtype = str(self.dtype).removeprefix("torch.")
         lines = [
@@ -356,31 +358,6 @@ def check_plugin_pins(bundle: BundleInfo, tokenizer) -> None:
             )
 
 
-def _load_decoder(
-    bundle: BundleInfo, device: str, dtype: str, quantize: str | None
-) -> tuple[torch.nn.Module, torch.dtype, str | None]:
-    """The HF decoder on ``device`` (``auto`` with several GPUs splits its layers across them), quantized if asked."""
-    from transformers import AutoModelForCausalLM
-
-    gpus = torch.cuda.device_count()
-    if device == "auto":
-        device = "cuda" if gpus else "cpu"
-    on_cpu = torch.device(device).type == "cpu"
-    if dtype == "auto":
-        config = json.loads((bundle.decoder_dir / "config.json").read_text())
-        saved = str(config.get("dtype") or config.get("torch_dtype"))
-        torch_dtype = torch.float32 if on_cpu else _DTYPES.get(saved, torch.bfloat16)
-    else:
-        torch_dtype = _DTYPES[dtype]
-    # device_map loads weights straight onto the GPU(s) (accelerate), never staging a copy in CPU memory
-    device_map = None if on_cpu else ("auto" if device == "cuda" and gpus > 1 else device)
-    decoder = AutoModelForCausalLM.from_pretrained(
-        str(bundle.decoder_dir), dtype=torch_dtype, device_map=device_map, use_safetensors=True
-    ).eval()
-    quantization = quantize_int8(decoder) if quantize == "int8" else None
-    return decoder, torch_dtype, quantization
-
-
 def _new_cache() -> Any:
     from transformers import DynamicCache
 
@@ -391,13 +368,3 @@ def _cache_of(out: Any) -> Any:
     """The KV cache of a forward output (``cache`` in transformers 5, ``past_key_values`` before)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
-
-
-def quantize_int8(decoder: torch.nn.Module) -> str:
-    """torchao weight-only int8 on every linear layer (embeddings and norms stay in their dtype)."""
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as err:
-        raise ImportError("--quantize int8 needs torchao: pip install 'autoglm-train[quant]'") from err
-    quantize_(decoder, Int8WeightOnlyConfig())
-    return "int8 weight-only (torchao)"
