@@ -63,7 +63,7 @@ def test_text_only_forward_never_builds_an_encoder(micro_decoder, student_tok, t
     model.register_plugin("sensor", lambda: built.append(1) or _sensor(32))
     ids, sensor = _batch(student_tok, 4)
     model(ids)
-    model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+    model(ids[:1], use_cache=True)
     assert built == [] and len(model.plugins) == 0
     model(ids, modality_inputs={"sensor": sensor})
     assert built == [1] and "sensor" in model.plugins

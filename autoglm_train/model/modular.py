@@ -116,18 +116,3 @@ class ModularLM(nn.Module):
             return self.decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         embeds = self.embed(input_ids, modality_inputs)
         return self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        modality_inputs: Mapping[str, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Greedy/sampled generation; returns only the new tokens."""
-        if not modality_inputs:
-            out = self.decoder.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return out[:, input_ids.shape[1] :]
-        embeds = self.embed(input_ids, modality_inputs)
-        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)

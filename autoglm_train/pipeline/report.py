@@ -190,7 +190,7 @@ def plugins_section(doc: Document, root: Path, figures: Path) -> None:
             row.append(cell(s, k, f"{name}/run_summary.json") if k in s else text("–"))
         rows.append(row)
     served = read_json(root / "eval" / "server.json") or {}
-    for field, label in (("counts", "served items (OpenAI API)"), ("metrics", "served score (OpenAI API)")):
+    for field, label in (("counts", "served items (OpenAI API)"), ("metrics", "served score: digit accuracy / WER (OpenAI API)")):
         row = [text(label)]
         for name in ran:
             value = (served.get(field) or {}).get(SERVED[name])
@@ -249,8 +249,10 @@ def server_section(doc: Document, root: Path) -> None:
             "server",
             f"`tools/eval_server.py` against `python -m autoglm_train.serve` serving `bundle/` as "
             f"'{result['model']}': perplexity from `/v1/completions` prompt logprobs, digits through chat `image_url` "
-            "parts, speech through `input_audio` parts. Chat requests go through the bundle's chat template, which "
-            "the plugins never saw in training, so these can sit below the held-out numbers above.",
+            "parts, speech through `input_audio` parts, on each plugin run's held-out items with its own question and "
+            "budget. The plugins were trained on exactly these chat prompts (their recorded prompt format), so the "
+            "served scores should match the held-out ones above; the bundle's bf16 decoder and 16-bit WAV clips are "
+            "the only differences.",
         )
     )
 
