@@ -190,7 +190,8 @@ def plugins_section(doc: Document, root: Path, figures: Path) -> None:
             row.append(cell(s, k, f"{name}/run_summary.json") if k in s else text("–"))
         rows.append(row)
     served = read_json(root / "eval" / "server.json") or {}
-    for field, label in (("counts", "served items (OpenAI API)"), ("metrics", "served score: digit accuracy / WER (OpenAI API)")):
+    served_rows = (("counts", "served items (OpenAI API)"), ("metrics", "served digit accuracy / WER (OpenAI API)"))
+    for field, label in served_rows:
         row = [text(label)]
         for name in ran:
             value = (served.get(field) or {}).get(SERVED[name])
