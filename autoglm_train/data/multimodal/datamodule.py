@@ -76,7 +76,9 @@ class PairDataModule(L.LightningDataModule):
         self.spec = spec
         self.plugin = plugin
         self.tokenizer = tokenizer
-        self.prompt_format = PromptFormat.for_tokenizer(tokenizer, spec.enable_thinking, tuple(spec.orders))
+        self.prompt_format = PromptFormat.for_tokenizer(
+            tokenizer, spec.enable_thinking, tuple(spec.orders), spec.media_at, (plugin.placeholder,)
+        )
         """How every example is rendered: recorded in the plugin's artifact, used by the server."""
         self.report = SkipReport(strict=spec.strict)
         self.splits: dict[str, EncodedPairs] = {}
@@ -89,9 +91,12 @@ class PairDataModule(L.LightningDataModule):
         pairs = self.spec.source.load(self.report)
         usable = self._preprocess(pairs)
         self._items = split_pairs(usable, self.spec)
-        # training sees every item in each trained content order; val/test in the first (the one evaluated)
+        # training sees every item in each trained content order (with media_at=answer the orders render the same
+        # tokens, so once is enough); val/test in the first order, the one evaluated
+        orders = self.prompt_format.orders
+        train_orders = orders if self.prompt_format.media_at == "turn" else orders[:1]
         self.splits = {
-            name: self._encode(part, self.prompt_format.orders if name == "train" else self.prompt_format.orders[:1])
+            name: self._encode(part, train_orders if name == "train" else orders[:1])
             for name, part in self._items.items()
         }
         self.report.log_summary(f"data_mm ({type(self.spec.source).__name__})")

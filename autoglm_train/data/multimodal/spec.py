@@ -18,6 +18,8 @@ class PairDataSpec:
             examples) and/or ``media_first``; the held-out evaluation uses the first. Every example is a chat
             conversation rendered by the decoder's serving chat template (``model/prompt_format.py``).
         enable_thinking: the template's thinking switch for the examples (off: the data carries no reasoning).
+        media_at: ``answer`` (the placeholders right before the answer, where a small frozen decoder can be
+            steered) or ``turn`` (where the client put them); recorded with the plugin, applied by the server.
         val_fraction: share of pairs for val/loss and val metrics during training.
         test_fraction: share held out for the final greedy-generation evaluation.
         batch_size: training batch size.
@@ -32,6 +34,7 @@ class PairDataSpec:
     source: PairSource
     orders: tuple[str, ...] = ("text_first", "media_first")
     enable_thinking: bool = False
+    media_at: str = "answer"
     val_fraction: float = 0.04
     test_fraction: float = 0.1
     batch_size: int = 32
