@@ -1,6 +1,7 @@
 """Train → export → serve: a plugin answers through the OpenAI API exactly as its training-time evaluation did.
 
-Micro plugins (vision on real digits, the toy sensor modality from ``tests/toy``) are trained a few steps
+Micro plugins (vision on real digits with the media right before the answer, the toy sensor modality from
+``tests/toy`` with the media where the client put it) are trained a few steps
 by ``recipe=add_modality``, exported by the export tool, served by a real uvicorn on 127.0.0.1 and asked
 through the plain ``openai`` client. The served greedy answers must equal the held-out answers the run
 wrote (``heldout_outputs.jsonl``) for both content orders. A plugin pinned to another decoder is refused
@@ -88,6 +89,7 @@ def _train_sensor(root: Path, decoder: Path) -> dict:
     with open_dict(cfg):
         cfg.plugin = OmegaConf.merge(OmegaConf.load(REPO / "tests" / "toy" / "sensor.yaml"), {"hidden_size": 32})
         cfg.data_mm.source = {"_target_": "tests.toy.sensor_pairs.SensorPairs", "items": 60, "seed": 0}
+        cfg.data_mm.media_at = "turn"  # media where the client puts it: the two content orders render differently
         cfg.paths.output_dir = str(root / "outputs" / "sensor")
     return _run(cfg)
 
@@ -189,7 +191,8 @@ def test_served_vision_answers_equal_the_training_time_evaluation(trained, clien
 
 @pytest.mark.parametrize("order", ["text_first", "media_first"])
 def test_toy_modality_is_served_through_its_own_content_part(trained, client, order, student_tok):
-    """The sensor plugin (declared modality "sensor") is reached with {"type": "input_sensor", ...}."""
+    """The sensor plugin (declared modality "sensor") is reached with {"type": "input_sensor", ...}; trained with
+    ``media_at=turn``, its prompts keep the client's content order, and each order answers as in training."""
     summary = trained["sensor"]
     rows = _heldout(summary)
     pairs = _heldout_pairs(summary)
@@ -235,7 +238,7 @@ def test_server_refuses_to_start_with_a_plugin_pinned_to_another_decoder(trained
     assert export_main([*argv, "--no-verify", "--quiet"]) == 0
     shutil.copytree(trained["vision"]["artifact"], bundle / "plugins" / "vision")
     cmd = [sys.executable, "-m", "autoglm_train.serve", "--bundle", str(bundle), "--port", "0", "--no-auth"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     trained_for, other = _fingerprints(trained, other_decoder)
