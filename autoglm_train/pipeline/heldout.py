@@ -96,11 +96,7 @@ def _budget(run: Path) -> int:
 
 
 def _wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    """32-bit PCM mono (``input_audio`` takes 8/16/32-bit PCM): the clip the run evaluated, to 2^-31.
-
-    16-bit clips moved the demo speech plugin's answers on 8 of the first 40 items (its first-token margins are
-    small), which would measure the WAV format, not the train-to-serve contract.
-    """
+    """32-bit PCM mono (``input_audio`` takes 8/16/32-bit PCM): the clip the run evaluated, to 2^-31."""
     scaled = np.clip(samples.astype(np.float64), -1.0, 1.0 - 2.0**-31) * 2.0**31
     pcm = np.round(scaled).astype("<i4")
     with wave.open(str(path), "wb") as f:
