@@ -65,7 +65,7 @@ class ModularLM(nn.Module):
             return self.plugins[name]
         if name not in self._sources:
             raise KeyError(f"no plugin '{name}' attached; attached: {self.available_plugins or 'none'}")
-        plugin = self._sources[name]()
+        plugin = self._sources[name]().train(self.training)  # a loaded plugin follows the model's mode (dropout)
         self._check_placeholder(plugin)
         device = self.decoder.get_input_embeddings().weight.device
         self.plugins[name] = plugin.to(device)

@@ -112,7 +112,7 @@ class Engine:
             for t in {*MODALITY_TOKENS, *(m["placeholder"] for m in self.bundle.plugin_meta.values())}
             if t in vocab
         }
-        self.model = ModularLM(decoder, placeholders)
+        self.model = ModularLM(decoder, placeholders).eval()  # plugins loaded on demand run in eval mode too
         self.decoder = decoder
         self.dtype = dtype
         self.lock = threading.Lock()
