@@ -111,3 +111,12 @@ def test_concurrent_http_requests_share_decode_steps(bundles):
     assert batched_steps < 15 * len(prompts)  # solo: 15 decode steps each
     assert [c["text"] for c in sorted(listed["choices"], key=lambda c: c["index"])] == solo
     assert engine.scheduler.peak_batch > 1
+
+
+def test_plugins_loaded_on_demand_run_in_eval_mode(bundles):
+    """A plugin built at its first request must not run with dropout on (it did: served answers differed)."""
+    engine = Engine(read_bundle(bundles.full))
+    engine.modality_inputs({"speech": [decode_audio(wav_base64(), "wav", "audio")]})
+    plugin = engine.model.plugins["speech"]
+    assert not engine.model.training and not plugin.training
+    assert not any(m.training for m in plugin.modules())
