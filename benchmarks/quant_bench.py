@@ -54,7 +54,7 @@ def _run_cfg(run: Path):
 def _load_student(run: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(run / "student", dtype=torch.float32, use_safetensors=True).eval()
     return model, AutoTokenizer.from_pretrained(run / "student")
 
 

@@ -364,7 +364,7 @@ def generate_baseline(decoder: Path, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(decoder)
-    model = AutoModelForCausalLM.from_pretrained(decoder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(decoder, dtype=torch.float32, use_safetensors=True).eval()
     kwargs = dict(do_sample=False, max_new_tokens=args.tokens, min_new_tokens=args.tokens, eos_token_id=None)
     kwargs["pad_token_id"] = tokenizer.pad_token_id
     prompts = [PROMPTS[r % len(PROMPTS)] for r in range(args.requests)]

@@ -302,6 +302,29 @@ def test_fused_and_recompute_paths_agree(kind: str) -> None:
         torch.testing.assert_close(got, want, **TOL)
 
 
+def test_fused_forward_kl_value_holds_at_a_real_vocabulary() -> None:
+    """At 256 positions × 49,152 columns (SmolLM2's vocabulary; a ZeRO-3 head takes the recompute path) the fused
+    forward-KL value equals the recompute path's and a float64 reference: an fp32 BLAS dot over the chunk was 3e-4
+    off on the loss and made ZeRO-3 and DDP runs disagree."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, n, hs, ht = 49_152, 256, 32, 48
+    student, teacher = nn.Linear(hs, vocab + 8, bias=False), nn.Linear(ht, vocab, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.randn(student.weight.shape, generator=gen) * 0.5)
+        teacher.weight.copy_(torch.randn(teacher.weight.shape, generator=gen) * 1.5)
+    h, t = torch.randn(1, n, hs, generator=gen), torch.randn(1, n, ht, generator=gen)
+    y = torch.randint(0, vocab, (1, n), generator=gen)
+    loss_fn = KDLoss(kd_ratio=1.0, chunk_size=n)
+    with torch.no_grad():
+        fused = loss_fn(h, student, y, t, teacher, vocab_size=vocab)
+        recompute = loss_fn(h, _WrappedHead(student), y, t, teacher, vocab_size=vocab)
+        t_logp = torch.log_softmax(t[0].double() @ teacher.weight.double().T, -1)
+        s_logp = torch.log_softmax((h[0].double() @ student.weight.double().T)[:, :vocab], -1)
+        want = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    assert abs(fused.kd_loss.item() - recompute.kd_loss.item()) < 1e-5
+    assert abs(fused.kd_loss.item() - want.item()) < 1e-5
+
+
 def test_fused_path_runs_each_head_once_per_chunk_and_never_differentiates_the_teacher() -> None:
     case = make_case()
     case["teacher_head"].requires_grad_(True)  # even a teacher head that could take gradients gets none

@@ -393,11 +393,13 @@ def test_resume_picks_complete_sharded_checkpoints_of_the_trainers_format(tmp_pa
     assert "step=000006.ckpt: Checkpoint" in caplog.text and "corrupt" in caplog.text
     assert find_last_checkpoint(ckpts) == ckpts / "step=000010.ckpt"  # any format: the safetensors one is newest
     assert find_last_checkpoint(ckpts, {"torch-dcp"}) is None
-    assert resolve_ckpt_path("last", ckpts, {"deepspeed"}) == str(newest)
     with pytest.raises(ValueError, match="is a deepspeed checkpoint; this trainer reads"):
         resolve_ckpt_path(newest, ckpts, {"autoglm-train/lightning-checkpoint"})
     with pytest.raises(ValueError, match="incomplete"):
         resolve_ckpt_path(unmarked, ckpts)
+    # "last" first removes the unmarked save (the resumed run rewrites that step), then picks the newest complete one
+    assert resolve_ckpt_path("last", ckpts, {"deepspeed"}) == str(newest)
+    assert not unmarked.exists() and newest.is_dir() and truncated.is_dir()
 
 
 def test_checkpoint_with_a_teacher_is_refused():

@@ -146,7 +146,7 @@ def load_int8(directory: str | Path, dtype: torch.dtype = torch.float32, torchao
 
     directory = Path(directory)
     if is_standard_int8(directory):
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True).eval()
     return _load_autoglm_int8(directory, dtype, torchao)
 
 

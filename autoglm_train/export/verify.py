@@ -166,7 +166,7 @@ def _check_form(
 
         if is_standard_int8(path):
             # As a user loads it: transformers alone reads the torchao quantization_config; weights stay int8.
-            model = AutoModelForCausalLM.from_pretrained(str(path))
+            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
             return compare(name, "transformers (TorchAoConfig int8)", TorchRunner(model), ref, table[name])
         return compare(name, "autoglm_train.export.int8.load_int8", TorchRunner(load_int8(path)), ref, table[name])
     if name == "onnx":

@@ -93,15 +93,25 @@ def signal_by_name(name: str | int) -> signal.Signals:
 
 
 def mark_launcher() -> None:
-    """Remember this process as the one that may launch the local ranks (children inherit the variable)."""
-    os.environ.setdefault(_LAUNCHER_PID_ENV, str(os.getpid()))
+    """Remember this process as the one that may launch the local ranks (children inherit the variable).
+
+    A rank that Lightning's launcher started keeps its parent's mark. Any other process takes the mark over, even
+    when its parent set one: a test runner or a pipeline that built a ``Preemption`` in-process and then spawns
+    ``train.py`` is not a rank launcher, and inheriting its mark would make the real launching rank exit 0.
+    """
+    if not started_by_lightning_launcher():
+        os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
+
+
+def _is_local_child_rank() -> bool:
+    """Lightning's subprocess launcher gives each child it starts ``LOCAL_RANK`` >= 1; the launching rank is 0."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 def started_by_lightning_launcher() -> bool:
     """True in a rank that Lightning's subprocess launcher started (its parent is the launching rank)."""
-    return os.environ.get(_LAUNCHER_PID_ENV) not in (None, str(os.getpid())) and str(os.getppid()) == os.environ.get(
-        _LAUNCHER_PID_ENV
-    )
+    mark = os.environ.get(_LAUNCHER_PID_ENV)
+    return mark not in (None, str(os.getpid())) and str(os.getppid()) == mark and _is_local_child_rank()
 
 
 def cluster_environment_plugins() -> list[Any]:
