@@ -123,8 +123,8 @@ class DistillTask(L.LightningModule):
         return backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
 
     def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
+        if self.teacher is None or (self.training and self.loss.kd_ratio == 0):
+            return None  # kd_ratio=0 trains on CE alone: no teacher forward (validation still scores against it)
         with torch.no_grad():
             return self._hidden(self.teacher, batch)
 
@@ -149,7 +149,7 @@ class DistillTask(L.LightningModule):
 
     def step_flops(self, batch: dict[str, torch.Tensor]) -> int:
         """Model FLOPs of one training step on this device, for :class:`~autoglm_train.tasks.throughput.Throughput`."""
-        teacher = None if cached_teacher_topk(batch) is not None else self.teacher
+        teacher = None if cached_teacher_topk(batch) is not None or self.loss.kd_ratio == 0 else self.teacher
         batch_size, seq_len = batch["input_ids"].shape
         return distill_step_flops(self.student, teacher, batch_size, seq_len)
 
