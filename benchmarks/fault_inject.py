@@ -38,6 +38,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autoglm_train.utils.processes import group_alive
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("AUTOGLM_CACHE", REPO / ".cache"))
 KINDS = ("step", "ckpt", "external")
@@ -220,24 +222,6 @@ def complete_checkpoints(ckpt_dir: Path) -> tuple[dict[int, Path], list[str]]:
     return complete, debris
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # members may be zombies of an exited parent that nobody reaps yet: count only processes that still run
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
 def run_train(
     root: Path,
     corpus: Path,
@@ -273,7 +257,7 @@ def run_train(
             start_new_session=True,  # its ranks share one process group: a group kill reaches them all, not us
         )
         killed_at = None
-        while proc.poll() is None or _group_alive(proc.pid):
+        while proc.poll() is None or group_alive(proc.pid):
             if time.monotonic() - start > timeout:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
@@ -487,17 +471,25 @@ def table(trials: list[Trial]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for t in trials:
-        points = "; ".join(
-            f"{e.fault} → {t.events[i + 1].resumed_from}" for i, e in enumerate(t.events[:-1]) if e.fault
-        )
-        debris = sum(len(e.debris) for e in t.events if e.returncode)  # seen right after each kill
-        left = len(t.events[-1].debris) if t.events else 0
-        lost = "none" if not t.problems else f"**{len(t.problems)} problem(s)**"
+        points, debris, left, lost = _trial_cells(t, with_status=False)
         rows.append(
-            f"| {t.index} | {points or '-'} | {t.kills} | {debris} / {left} "
+            f"| {t.index} | {points} | {t.kills} | {debris} / {left} "
             f"| {t.max_loss_diff:.1e} | {t.max_weight_diff:.1e} | {lost} |"
         )
     return "\n".join(rows)
+
+
+def _trial_cells(t: Trial, with_status: bool) -> tuple[str, int, int, str]:
+    """(faults → resumed-from steps, scratch seen after the faults, scratch left at the end, lost) of a trial."""
+    points = "; ".join(
+        f"{e.fault}{f' ({e.returncode})' if with_status else ''} → {t.events[i + 1].resumed_from}"
+        for i, e in enumerate(t.events[:-1])
+        if e.fault
+    )
+    debris = sum(len(e.debris) for e in t.events if e.returncode)  # seen right after each kill
+    left = len(t.events[-1].debris) if t.events else 0
+    lost = "none" if not t.problems else f"**{len(t.problems)} problem(s)**"
+    return points or "-", debris, left, lost
 
 
 def dist_table(trials: list[Trial]) -> str:
@@ -508,17 +500,10 @@ def dist_table(trials: list[Trial]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
-        points = "; ".join(
-            f"{e.fault} ({e.returncode}) → {t.events[i + 1].resumed_from}"
-            for i, e in enumerate(t.events[:-1])
-            if e.fault
-        )
+        points, debris, left, lost = _trial_cells(t, with_status=True)
         exits = [f"{e.survivor_exit_s:.1f}" for e in t.events if e.survivor_exit_s is not None]
-        debris = sum(len(e.debris) for e in t.events if e.returncode)
-        left = len(t.events[-1].debris) if t.events else 0
-        lost = "none" if not t.problems else f"**{len(t.problems)} problem(s)**"
         rows.append(
-            f"| {t.strategy} | {t.index} | {points or '-'} | {', '.join(exits) or '-'} | {debris} / {left} "
+            f"| {t.strategy} | {t.index} | {points} | {', '.join(exits) or '-'} | {debris} / {left} "
             f"| {t.max_loss_diff:.1e} | {t.max_weight_diff:.1e} | {lost} |"
         )
     return "\n".join(rows)

@@ -27,30 +27,7 @@ from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
 from recipes import add_modality
 from tests.conftest import REPO
-from tests.mm_fixtures import save_micro_decoder
-
-TINY_VISION = [
-    "plugin.image_size=16",
-    "plugin.patch_size=4",
-    "plugin.num_tokens=4",
-    "plugin.encoder_hidden_size=32",
-    "plugin.encoder_layers=1",
-    "plugin.encoder_heads=2",
-    "plugin.encoder_intermediate_size=64",
-]
-DIGITS = ["data_mm=digits", "data_mm.source.max_items=80"]
-TINY_RUN = [
-    "data_mm.batch_size=8",
-    "data_mm.eval_batch_size=16",
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-    "trainer.max_steps=3",
-    "trainer.val_check_interval=3",
-    "trainer.limit_val_batches=1",
-    "recipe.checkpoint_every_n_steps=2",
-    "recipe.parity_max_new_tokens=4",
-    "optim.scheduler.num_warmup_steps=1",
-]
+from tests.mm_fixtures import DIGITS, TINY_RUN, TINY_VISION, save_micro_decoder
 
 
 @pytest.fixture(scope="module")

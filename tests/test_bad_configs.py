@@ -23,9 +23,8 @@ from autoglm_train.model.plugin_io import save_plugin
 from autoglm_train.model.registry import instantiate_plugin, plugin_config
 from tests.bad_inputs import write_messy_text
 from tests.conftest import REPO
-from tests.mm_fixtures import save_micro_decoder
+from tests.mm_fixtures import TINY_RUN, TINY_VISION, save_micro_decoder
 from tests.serve_support import one_thread
-from tests.test_add_modality import TINY_RUN, TINY_VISION
 from tests.test_distill_recipe import _compose, _overrides
 
 

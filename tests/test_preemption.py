@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from autoglm_train.utils.processes import group_alive
 from tests.conftest import CACHE, REPO
 from tests.micro_distill import MICRO_SHAPE, write_micro_corpus
 from tests.test_scale import needs_deepspeed
@@ -60,18 +61,6 @@ def _overrides(
     ]
 
 
-def _group_running(pgid: int) -> bool:
-    """Any process of the run's group still running (zombies of a killed launcher do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
 def _run(
     root: Path,
     corpus: Path,
@@ -97,7 +86,7 @@ def _run(
             start_new_session=True,
         )
         deadline = time.monotonic() + limit
-        while proc.poll() is None or _group_running(proc.pid):
+        while proc.poll() is None or group_alive(proc.pid):
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

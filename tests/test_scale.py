@@ -274,8 +274,7 @@ def test_zero3_bf16_mixed_saves_the_fp32_master_student(tmp_path, corpus):
 )
 def test_add_modality_two_processes(trainer, tmp_path, student_tok):
     """recipe=add_modality on 2 ranks: the frozen decoder rides along unchanged, rank 0 alone writes the plugin."""
-    from tests.mm_fixtures import save_micro_decoder
-    from tests.test_add_modality import DIGITS, TINY_RUN, TINY_VISION
+    from tests.mm_fixtures import DIGITS, TINY_RUN, TINY_VISION, save_micro_decoder
 
     decoder = save_micro_decoder(tmp_path / "decoder", student_tok)
     before = load_file(str(decoder / "model.safetensors"))

@@ -33,9 +33,22 @@ SHAPE = dict(
     rope_theta=500.0,
     rms_norm_eps=1e-5,
 )
-MODEL = DecoderSpec(
-    name="m", hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96
-)
+
+
+def _shape(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, **extra: int) -> DecoderSpec:
+    """A student shape: hidden size, layers, query heads, KV heads, FFN channels."""
+    return DecoderSpec(
+        name="s",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        **extra,
+    )
+
+
+MODEL = _shape(64, 3, 4, 2, 96)
 
 
 def _teacher(cls=LlamaForCausalLM, config_cls=LlamaConfig, seed: int = 0, **kw) -> torch.nn.Module:
@@ -162,15 +175,7 @@ def test_width_pruning_keeps_the_live_heads_and_channels() -> None:
             layer.self_attn.v_proj.weight[16:32].zero_()  # kv head 1 (query heads 2 and 3) outputs 0
             layer.mlp.gate_proj.weight[dead_ffn] = 0.0
             layer.mlp.up_proj.weight[dead_ffn] = 0.0
-    narrow = DecoderSpec(
-        name="n",
-        hidden_size=64,
-        num_hidden_layers=5,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=48,
-        head_dim=16,
-    )
+    narrow = _shape(64, 5, 2, 1, 48, head_dim=16)
     batches = _batches()
     student, sel = _student(teacher, StudentInitSpec(init="teacher", width="model"), narrow, batches)
     assert sel.kv_groups[0] == [0] and sel.q_heads[0] == [0, 1]
@@ -183,14 +188,7 @@ def test_width_pruning_keeps_the_live_heads_and_channels() -> None:
 
 def test_narrower_hidden_size_builds_and_runs() -> None:
     teacher = _teacher()
-    narrow = DecoderSpec(
-        name="n",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=40,
-    )
+    narrow = _shape(32, 2, 2, 1, 40)
     spec, state, sel = teacher_initialised(teacher, narrow, StudentInitSpec(init="teacher"), _batches(), V)
     assert spec.hidden_size == 32 and len(sel.hidden) == 32 and len(sel.layers) == 2
     student = build_decoder(spec, V + 8, 0, 1)
@@ -215,14 +213,7 @@ def test_an_unmappable_teacher_is_refused_in_one_line(teacher, why) -> None:
 
 def test_shapes_the_teacher_cannot_reach_are_refused() -> None:
     teacher = _teacher()
-    wide = DecoderSpec(
-        name="w",
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-    )
+    wide = _shape(128, 2, 8, 2, 96)
     with pytest.raises(ValueError, match=r"model.hidden_size=128 > 64"):
         student_spec(teacher.config, wide, StudentInitSpec(init="teacher"))
     with pytest.raises(ValueError, match=r"num_hidden_layers=7 > the teacher's 5"):

@@ -31,21 +31,12 @@ from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from recipes import add_modality
 from tests.conftest import REPO
-from tests.mm_fixtures import save_micro_decoder
+from tests.mm_fixtures import DIGITS, TINY_VISION, save_micro_decoder
 from tests.serve_support import one_thread
 
 openai = pytest.importorskip("openai")
 
 KEY = "sk-parity"
-TINY_VISION = [
-    "plugin.image_size=16",
-    "plugin.patch_size=4",
-    "plugin.num_tokens=4",
-    "plugin.encoder_hidden_size=32",
-    "plugin.encoder_layers=1",
-    "plugin.encoder_heads=2",
-    "plugin.encoder_intermediate_size=64",
-]
 RUN = [
     "data_mm.batch_size=8",
     "data_mm.eval_batch_size=16",
@@ -80,7 +71,7 @@ def _run(cfg) -> dict:
 
 
 def _train_vision(root: Path, decoder: Path) -> dict:
-    return _run(_compose(root, decoder, *TINY_VISION, "data_mm=digits", "data_mm.source.max_items=80"))
+    return _run(_compose(root, decoder, *TINY_VISION, *DIGITS))
 
 
 def _train_sensor(root: Path, decoder: Path) -> dict:

@@ -55,6 +55,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from autoglm_train.utils.processes import pid_alive
+
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143
@@ -141,20 +143,6 @@ def set_collective_timeout(seconds: float) -> int:
     return len(groups)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child of this process stays a zombie until reaped: dead all the same
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 def _looks_distributed(err: BaseException) -> bool:
     seen: BaseException | None = err
     while seen is not None:
@@ -211,7 +199,7 @@ class _Heartbeat:
                 lost[rank] = f"rank {rank}: no heartbeat file"
                 continue
             where = f"pid {info['pid']} on {info['host']}"
-            if info["host"] == host and not _pid_alive(int(info["pid"])):
+            if info["host"] == host and not pid_alive(int(info["pid"])):
                 lost[rank] = f"rank {rank} ({where}) is gone"
             else:
                 pending[rank] = {**info, "where": where}
@@ -219,7 +207,7 @@ class _Heartbeat:
         while pending and time.monotonic() < deadline:
             time.sleep(self.interval / 2)
             for rank, info in list(pending.items()):
-                if info["host"] == host and not _pid_alive(int(info["pid"])):  # it may take a moment to die
+                if info["host"] == host and not pid_alive(int(info["pid"])):  # it may take a moment to die
                     lost[rank] = f"rank {rank} ({info['where']}) is gone"
                     del pending[rank]
                     continue
