@@ -70,8 +70,26 @@ class Sampler:
         else:
             self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-        """``logits`` [V] of the next position → (token id, its logprob record when asked for)."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the scores and no logprobs: the argmax over the real vocabulary."""
+        p = self.params
+        return (
+            p.temperature < GREEDY_BELOW
+            and p.logprobs is None
+            and not p.logit_bias
+            and not (p.presence_penalty or p.frequency_penalty)
+        )
+
+    def __call__(self, logits: torch.Tensor, argmax: int | None = None) -> tuple[int, TokenLogprob | None]:
+        """``logits`` [V] of the next position → (token id, its logprob record when asked for).
+
+        ``argmax``: the argmax over the real vocabulary when the caller took it for a whole batch at once; used
+        only when this choice is :attr:`plain_greedy` (it is then the token).
+        """
+        if argmax is not None and self.plain_greedy:
+            self.counts[argmax] += 1
+            return argmax, None
         logits = logits.float().cpu()
         if logits.shape[-1] > self.vocab_limit:
             logits[self.vocab_limit :] = float("-inf")

@@ -193,10 +193,14 @@ class Scheduler:
             self.decode_steps += 1
         self._mask = mask
         logits = logits[:, -1].float()
+        # One argmax for the whole batch instead of one per row: most served traffic is plain greedy.
+        argmax: list[int | None] = [None] * batch
+        if any(seq.sampler.plain_greedy for seq in self._running):
+            argmax = logits[:, : self.vocab_limit].argmax(dim=-1).tolist()
         keep = []
         for row, seq in enumerate(self._running):
             seq.position += 1
-            if not self._advance(seq, logits[row]):
+            if not self._advance(seq, logits[row], argmax[row]):
                 keep.append(row)
         if len(keep) < batch:
             self._select(keep)
@@ -227,12 +231,12 @@ class Scheduler:
             return None
         return seq, cache
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> bool:
+    def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int | None = None) -> bool:
         """Sample the next token of ``seq`` and release its text; True when the sequence has ended."""
         if seq.cancel.is_set():
             seq.emit(Delta(finish_reason="cancelled"))
             return True
-        token, record = seq.sampler(logits)
+        token, record = seq.sampler(logits, argmax)
         records = [record] if record else []
         seq.generated += 1
         if token in self.eos_ids and not seq.params.ignore_eos:
