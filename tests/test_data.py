@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from autoglm_train.data import build, corpora, text
 from autoglm_train.data.build import build_packed
 from autoglm_train.data.corpora import build_corpus, strip_gutenberg
-from autoglm_train.data.loader import ResumableLoader
+from autoglm_train.data.loader import ResumableLoader, fetch_batch
 from autoglm_train.data.reader import read_local, read_source
 from autoglm_train.data.spec import TextDataSpec
 
@@ -410,6 +410,11 @@ def test_lightning_resume_continues_with_the_next_untrained_batch(tmp_path: Path
     dm = TextDataModule(spec, tok)
     dm.setup()
     assert len(dm.train_dataloader()) == 4  # 17 blocks // 4
+    # the first pass is epoch 0 (Lightning's check-only iter() before training does not start a new epoch)
+    epoch0 = first_tokens(
+        [fetch_batch(dm.train_dataloader().dataset, b) for b in dm.train_dataloader().batch_indices(0)]
+    )
+    assert full[:3] == epoch0[:3]
     assert dm.report.documents == 24
     epoch_len = 4 if limit_train_batches == 1.0 else limit_train_batches  # 12 steps cross 2+ epoch ends
     for step in (2, epoch_len, epoch_len + 1):  # mid-epoch, exactly at an epoch end, just after one

@@ -144,7 +144,9 @@ class ResumableLoader:
         return batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if not self._continue:
+        # A pass that handed nothing out is not over: Lightning calls iter() once before training only to check
+        # the loader, and the first real pass must still be epoch 0 (seed + 0).
+        if not self._continue and self._pos > 0:
             self._epoch, self._pos = self._epoch + 1, 0
         self._continue = False
         return self._run(self._epoch, self._pos)
