@@ -252,8 +252,8 @@ def server_section(doc: Document, root: Path) -> None:
             f"'{result['model']}': perplexity from `/v1/completions` prompt logprobs, digits through chat `image_url` "
             "parts, speech through `input_audio` parts, on each plugin run's held-out items with its own question and "
             "budget. The plugins were trained on exactly these chat prompts (their recorded prompt format), so the "
-            "served scores should match the held-out ones above; the bundle's bf16 decoder and 16-bit WAV clips are "
-            "the only differences.",
+            "served scores should match the held-out ones above; the bundle's bf16 decoder is the only difference "
+            "(clips go as 32-bit PCM WAV, the training samples exactly).",
         )
     )
 
