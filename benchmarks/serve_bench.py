@@ -190,6 +190,8 @@ class Target:
 
     url: str
     body: dict
+    chunks_are_tokens: bool = False
+    """The server sends no ``usage`` (transformers serve 5.x streams one token per chunk): count text chunks."""
 
 
 async def one_request(http: httpx.AsyncClient, target: Target, prompt: str, load: Load) -> None:
@@ -197,6 +199,7 @@ async def one_request(http: httpx.AsyncClient, target: Target, prompt: str, load
     start = time.perf_counter()
     first = None
     tokens = None
+    chunks = 0
     try:
         async with http.stream("POST", f"{target.url}/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -211,12 +214,15 @@ async def one_request(http: httpx.AsyncClient, target: Target, prompt: str, load
                     return
                 if first is None and any(c.get("text") for c in chunk.get("choices") or []):
                     first = time.perf_counter()
+                chunks += sum("text" in c and not c.get("finish_reason") for c in chunk.get("choices") or [])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as err:
         load.failures.append(f"{type(err).__name__}: {err}"[:200])
         return
     end = time.perf_counter()
+    if tokens is None and target.chunks_are_tokens:
+        tokens = chunks
     if tokens is None:
         load.failures.append("no usage in the stream")
         return
@@ -293,7 +299,8 @@ def our_body(model: str, args: argparse.Namespace) -> dict:
 
 def hf_body(decoder: str, args: argparse.Namespace) -> dict:
     # transformers serve refuses unknown fields (ignore_eos: 422); a request generation_config without an
-    # eos_token_id is its way to the same fixed length. It sends usage in its last chunk unasked.
+    # eos_token_id is its way to the same fixed length. 5.x streams one token per chunk and sends no usage, so its
+    # tokens are its text chunks (Target.chunks_are_tokens).
     config = {"max_new_tokens": args.tokens, "do_sample": False, "eos_token_id": None}
     return {
         "model": decoder,
@@ -351,7 +358,7 @@ def transformers_serve(decoder: Path, args: argparse.Namespace, batching: bool, 
     concurrency = CLIENTS if batching else (1,)
     try:
         with launched(name.split()[0] + ("_cb" if batching else "_plain"), cmd, port, args.threads, args.start_timeout):
-            target = Target(f"http://127.0.0.1:{port}", hf_body(str(decoder), args))
+            target = Target(f"http://127.0.0.1:{port}", hf_body(str(decoder), args), chunks_are_tokens=True)
             results[name] = [Row(name, load) for load in run_loads(target, concurrency, args, name)]
     except (ServerFailed, httpx.HTTPError, KeyError) as err:
         results[name] = [Row(name, error=f"{type(err).__name__}: {err}")]
@@ -492,7 +499,8 @@ def machine_facts(args: argparse.Namespace, bundle_label: str, load_start: tuple
     return [
         f"Bundle: {bundle_label}; decoder dir `{args.decoder}` served by both. {args.requests} request(s) per client, "
         f"max_tokens {args.tokens}, greedy, prompts cycled from a fixed list of {len(PROMPTS)}; aggregate tok/s = "
-        "completion tokens (each response's usage) / wall time of the phase, prefill included; TTFT = request "
+        "completion tokens (each response's usage; transformers serve sends none, so its streamed text chunks, "
+        "one per token) / wall time of the phase, prefill included; TTFT = request "
         "sent → first streamed chunk with text; each server warmed up with one request first.",
         f"Settings: torch threads {args.threads} for every server and for generate (ours `--threads`, "
         f"OMP_NUM_THREADS/MKL_NUM_THREADS for all); ours `--max-concurrency 64 --rate-limit none`; transformers "
