@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import write_section
+from results import TRAIN_ONLY, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("AUTOGLM_CACHE", REPO / ".cache"))
@@ -72,11 +72,7 @@ def run_row(row: Row, root: Path, teacher_path: str | None) -> dict:
         *row.overrides,
         *teacher,
         f"trainer.max_steps={row.steps}",
-        "trainer.limit_val_batches=0",
-        "trainer.enable_progress_bar=false",
-        "recipe.checkpoint_every_n_steps=0",
-        "recipe.sample_max_new_tokens=1",
-        "logger=none",
+        *TRAIN_ONLY,
         f"paths.root_dir={out}",
         f"paths.cache_dir={CACHE}",
         "run_name=bench",

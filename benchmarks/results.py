@@ -30,3 +30,14 @@ def write_section(title: str, body: str, script: str | None = None) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     RESULTS.write_text(text)
+
+
+TRAIN_ONLY = (
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "recipe.checkpoint_every_n_steps=0",
+    "recipe.sample_max_new_tokens=1",
+    "logger=none",
+)
+"""``train.py`` overrides of a benchmark run that measures training alone: no validation, progress bar, checkpoints,
+samples or logger to charge to its steps."""

@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from results import write_section
+from results import TRAIN_ONLY, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("AUTOGLM_CACHE", REPO / ".cache"))
@@ -305,11 +305,7 @@ def ours_command(
         f"optim.optimizer.lr={setup.lr}",
         "optim.scheduler=null",
         f"trainer.max_steps={steps or setup.steps}",
-        "trainer.limit_val_batches=0",
-        "trainer.enable_progress_bar=false",
-        "recipe.checkpoint_every_n_steps=0",
-        "recipe.sample_max_new_tokens=1",
-        "logger=none",
+        *TRAIN_ONLY,
         f"paths.root_dir={out}",
         f"paths.cache_dir={cache}",
         "run_name=sbs",
