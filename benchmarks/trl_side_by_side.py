@@ -367,6 +367,14 @@ def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
             self.seconds.append(time.perf_counter() - self._t0)
 
     timer = StepTimer()
+    # what both TRL trainers get alike: the shared init, the teacher, the tokenizer, our AdamW and the step timer
+    shared = {
+        "model": student,
+        "teacher_model": teacher,
+        "processing_class": tok,
+        "optimizers": (optimizer, None),
+        "callbacks": [timer],
+    }
     if arm.kind == "dt":
         from trl import DistillationConfig, DistillationTrainer
 
@@ -378,15 +386,7 @@ def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
                 return [p[:1] for p in prompts], [p[1:] for p in prompts], None, None, None
 
         config = DistillationConfig(**common, beta=0.0, temperature=1.0, shuffle_dataset=False)
-        trainer = BlocksAsCompletions(
-            model=student,
-            teacher_model=teacher,
-            args=config,
-            train_dataset=Dataset.from_dict({"prompt": rows.tolist()}),
-            processing_class=tok,
-            optimizers=(optimizer, None),
-            callbacks=[timer],
-        )
+        trainer = BlocksAsCompletions(args=config, train_dataset=Dataset.from_dict({"prompt": rows.tolist()}), **shared)
     else:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -420,14 +420,7 @@ def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
             **common, lmbda=arm.lmbda, beta=0.0, temperature=1.0, max_new_tokens=setup.max_new_tokens, seq_kd=False
         )
         trainer = SameBlocksGKD(
-            model=student,
-            teacher_model=teacher,
-            args=config,
-            data_collator=collate,
-            train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}),
-            processing_class=tok,
-            optimizers=(optimizer, None),
-            callbacks=[timer],
+            args=config, data_collator=collate, train_dataset=Dataset.from_dict({"input_ids": rows.tolist()}), **shared
         )
     trainer.train()
     t_end = time.time()
