@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from autoglm_train.serve.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.schemas import ChatCompletionRequest
 from autoglm_train.serve.state import ServerState
 from autoglm_train.serve.thinking import ThinkSplitter, prompt_opens_thinking, split_reasoning
+from autoglm_train.serve.worker import Producer
 
 
 @dataclass
@@ -73,13 +74,10 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, start: float) 
     )
 
 
-def _choices(engine: Engine, job: ChatJob) -> Callable[[Any], Iterator[tuple[int, Any]]]:
+def _choices(engine: Engine, job: ChatJob) -> Producer:
     """The ``n`` choices, decoded together in the engine's running batch."""
-
-    def run(cancel) -> Iterator[tuple[int, Any]]:
-        yield from engine.stream_many([(job.prompt, params) for params in job.params], cancel)
-
-    return run
+    jobs = [(job.prompt, params) for params in job.params]
+    return lambda emit, done, cancel: engine.submit_many(jobs, cancel, emit, done)
 
 
 def logprobs_content(engine: Engine, records: list[TokenLogprob]) -> list[dict[str, Any]]:

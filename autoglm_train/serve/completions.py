@@ -7,7 +7,7 @@ which is what lm-evaluation-harness's ``local-completions`` model and perplexity
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from autoglm_train.serve.prepare import bound_tokens, request_id, sampling_param
 from autoglm_train.serve.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.schemas import CompletionRequest
 from autoglm_train.serve.state import ServerState
+from autoglm_train.serve.worker import Producer
 
 
 @dataclass
@@ -82,14 +83,10 @@ def prepare_completion(state: ServerState, body: CompletionRequest, start: float
     )
 
 
-def _choices(engine: Engine, job: CompletionJob):
+def _choices(engine: Engine, job: CompletionJob) -> Producer:
     """Every prompt's ``n`` choices (index ``prompt * n + choice``), decoded together as one batch."""
-
-    def run(cancel) -> Iterator[tuple[int, Any]]:
-        jobs = [(prompt, params) for prompt, choices in zip(job.prompts, job.params, strict=True) for params in choices]
-        yield from engine.stream_many(jobs, cancel)
-
-    return run
+    jobs = [(prompt, params) for prompt, choices in zip(job.prompts, job.params, strict=True) for params in choices]
+    return lambda emit, done, cancel: engine.submit_many(jobs, cancel, emit, done)
 
 
 class LegacyLogprobs:

@@ -47,7 +47,7 @@ class ServerConfig:
     max_batch_prompts: int = 64
     """Largest number of prompts in one ``/v1/completions`` request."""
     max_concurrency: int = 16
-    """Generations in progress at once (worker threads); further requests wait their turn."""
+    """Generations in progress at once; further requests wait their turn."""
     threads: int | None = None
     """``torch.set_num_threads`` for CPU inference; ``None`` keeps torch's default."""
     max_image_pixels: int = 40_000_000

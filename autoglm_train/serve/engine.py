@@ -13,7 +13,7 @@ import inspect
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from autoglm_train.model.decoder import MODALITY_TOKENS
 from autoglm_train.model.prompt_format import PromptFormat, render_chat
 from autoglm_train.serve.api_error import APIError
 from autoglm_train.serve.bundle import BundleInfo
+from autoglm_train.serve.head import body_of, vocab_head
 from autoglm_train.serve.quantize import load_serving_decoder
 from autoglm_train.serve.routing import PluginSlot, plugin_slots
 from autoglm_train.serve.sampling import SamplingParams
@@ -127,7 +128,8 @@ class Engine:
             if meta.get("prompt_format")
         }
         self.reserved = set(placeholders)
-        params = inspect.signature(decoder.forward).parameters
+        self._body, self._head = body_of(decoder), vocab_head(decoder)
+        params = inspect.signature(self._body.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.thinking = self._template_thinks()
         self.scheduler = Scheduler(
@@ -248,25 +250,62 @@ class Engine:
         for _, event in self.stream_many([(prompt, params)], cancel):
             yield event
 
+    def submit_many(
+        self,
+        jobs: list[tuple[Prompt, SamplingParams]],
+        cancel: threading.Event,
+        emit: Callable[[tuple[int, Event]], None],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue every ``(prompt, params)`` into the running batch and return at once.
+
+        The generation thread then calls ``emit((job index, event))`` for each event, and ``done(None)``
+        once every job has finished, or ``done(error)`` (with ``cancel`` set) at the first failure.
+        """
+        open_jobs = len(jobs)
+
+        def on_event(index: int, event: Event | BaseException) -> None:
+            nonlocal open_jobs
+            if open_jobs == 0:
+                return  # after a failure: the other jobs' cancellations are not reported
+            if isinstance(event, BaseException):
+                open_jobs = 0
+                cancel.set()
+                done(event)
+                return
+            emit((index, event))
+            if isinstance(event, Delta) and event.finish_reason:
+                open_jobs -= 1
+                if open_jobs == 0:
+                    done(None)
+
+        if not jobs:
+            done(None)
+            return
+        self.scheduler.submit(
+            [Sequence(prompt, params, lambda e, i=i: on_event(i, e), cancel) for i, (prompt, params) in enumerate(jobs)]
+        )
+
     def stream_many(
         self, jobs: list[tuple[Prompt, SamplingParams]], cancel: threading.Event
     ) -> Iterator[tuple[int, Event]]:
-        """Generate every ``(prompt, params)`` in the running batch; ``(job index, event)`` as they come."""
+        """:meth:`submit_many` as a blocking iterator of ``(job index, event)``; leaving it early cancels."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        sequences = [
-            Sequence(prompt, params, lambda event, i=i: events.put((i, event)), cancel)
-            for i, (prompt, params) in enumerate(jobs)
-        ]
-        self.scheduler.submit(sequences)
-        open_jobs = len(sequences)
-        while open_jobs:
-            index, event = events.get()
-            if isinstance(event, BaseException):
+        end = object()
+        self.submit_many(jobs, cancel, events.put, lambda error: events.put((end, error)))
+        finished = False
+        try:
+            while True:
+                item = events.get()
+                if item[0] is end:
+                    finished = True
+                    if item[1] is not None:
+                        raise item[1]
+                    return
+                yield item
+        finally:
+            if not finished:
                 cancel.set()
-                raise event
-            yield index, event
-            if isinstance(event, Delta) and event.finish_reason:
-                open_jobs -= 1
 
     def generate(self, prompts: list[Prompt], params: SamplingParams, logprobs: list[list[float]] | None = None):
         """Every prompt's generated token ids (EOS included when reached), batched on the calling thread.
@@ -330,14 +369,15 @@ class Engine:
         """One prompt through the decoder: every attached plugin's fusion, then the decoder with a fresh cache."""
         ids = torch.tensor([prompt.ids], device=self.device)
         embeds = self.model.embed(ids, prompt.inputs)
-        out = self.decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        return out.logits, _cache_of(out)
+        out = self._body(inputs_embeds=embeds, use_cache=True)
+        hidden = out.last_hidden_state
+        return self._head(hidden if all_logits else hidden[:, -1:]), _cache_of(out)
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
-        out = self.decoder(
+        out = self._body(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
         )
-        return out.logits, _cache_of(out)
+        return self._head(out.last_hidden_state), _cache_of(out)
 
 
 def check_plugin_pins(bundle: BundleInfo, tokenizer) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from autoglm_train.serve.bundle import BundleInfo
+from autoglm_train.serve.head import store_transposed
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def load_serving_decoder(
     device, device_map, torch_dtype = _placement(bundle.decoder_dir, device, dtype)
     on_cpu = torch.device(device).type == "cpu"
     if quantize is None:
-        return _from_pretrained(bundle.decoder_dir, torch_dtype, device_map), torch_dtype, None
+        decoder = _from_pretrained(bundle.decoder_dir, torch_dtype, device_map)
+        store_transposed(decoder)  # the CPU fp32 head's fast layout (serve/head.py); a no-op elsewhere
+        return decoder, torch_dtype, None
 
     from autoglm_train.quant.ptq import PTQSpec, int8_lookup_embedding, pack_weight_only, quantize_model
 

@@ -1,8 +1,8 @@
 """The HTTP routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/health``, ``/metrics``.
 
 Handlers stay thin: check, prepare off the event loop (decoding media and tokenizing are
-blocking), then hand generation to the worker pool. Authentication, rate limits and the body
-limit are not here: ``security.Guard`` applies them to every ``/v1`` path before routing.
+blocking), then hand generation to the worker (admission, relay to the event loop). Authentication,
+rate limits and the body limit are not here: ``security.Guard`` applies them to every ``/v1`` path before routing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every request handler shares: the engine, the worker pool, metrics, settings."""
+"""What every request handler shares: the engine, the worker (admission and relay), metrics, settings."""
 
 from __future__ import annotations
 

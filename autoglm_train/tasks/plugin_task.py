@@ -117,6 +117,7 @@ class PluginTask(L.LightningModule):
         self._val["labels"] += batch["digit_labels"]
 
     def on_validation_epoch_end(self) -> None:
+        self._engine = None  # its CPU head holds a transposed copy of the vocabulary (serve/head.py)
         if not self._val.get("answers"):
             return
         metrics = {
