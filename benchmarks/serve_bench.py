@@ -502,7 +502,8 @@ def machine_facts(args: argparse.Namespace, bundle_label: str, load_start: tuple
         "completion tokens (each response's usage; transformers serve sends none, so its streamed text chunks, "
         "one per token) / wall time of the phase, prefill included; TTFT = request "
         "sent → first streamed chunk with text; each server warmed up with one request first.",
-        f"Settings: torch threads {args.threads} for every server and for generate (ours `--threads`, "
+        f"Settings: torch threads {args.threads} for every server and for generate (all cores but the one the load "
+        f"generator on this machine runs on; ours `--threads`, "
         f"OMP_NUM_THREADS/MKL_NUM_THREADS for all); ours `--max-concurrency 64 --rate-limit none`; transformers "
         f"serve `--device cpu --dtype float32` (CB with its default --cb-* settings); transformers "
         f"{transformers.__version__}, torch {torch.__version__}.",
@@ -517,7 +518,12 @@ def main() -> int:
     p.add_argument("--build-bundle", action="store_true", help="use (build) the serving tests' micro bundle")
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--tokens", type=int, default=64, help="max_tokens of every request")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every server")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="torch threads of every server (default: all cores but one, which the load generator here needs)",
+    )
     p.add_argument("--plugin-clients", type=int, default=4, help="clients of the (d) text traffic")
     p.add_argument("--phase-timeout", type=float, default=300, help="no request starts later than this in a phase")
     p.add_argument("--start-timeout", type=float, default=300, help="seconds a server may take to answer /health")
