@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,9 @@ from autoglm_train.pipeline.plan import STAGES
 from autoglm_train.pipeline.plots import distill_curves, plugin_curves
 from autoglm_train.pipeline.render import Cell, Code, Document, Figure, Heading, Para, Table, to_html, to_markdown
 from autoglm_train.pipeline.sources import read_json, read_metrics
+
+QUALITY_CURVES = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_quality_curves.png"
+"""The recipe comparison behind the default distillation (benchmarks/distill_quality_bench.py), when present."""
 
 PLUGINS = ("vision", "speech")
 COMPARE_COLUMNS = ["model", "params", "weights", "ppl", "KL(teacher‖·) nats/tok", "top-1 agree w/ teacher"]
@@ -156,6 +160,17 @@ def distill_section(doc: Document, root: Path, figures: Path) -> None:
     if summary.get("samples"):
         doc.add(Para("Greedy samples of the student:"))
         doc.add(Code("\n".join(f"{p!r} → {s!r}" for p, s in summary["samples"].items())))
+    if QUALITY_CURVES.is_file():
+        shutil.copyfile(QUALITY_CURVES, figures / QUALITY_CURVES.name)
+        doc.add(
+            Figure(
+                QUALITY_CURVES.name,
+                "Why this recipe (from the repository's `benchmarks/distill_quality_bench.py`, not from this run): "
+                "held-out KL to the teacher against training seconds for CE only, forward KL from random init, "
+                "on-policy λ=0.5, teacher-initialised student + KD, and both; equal training time per arm on 2 "
+                "CPU cores (benchmarks/RESULTS.md).",
+            )
+        )
 
 
 # The served score of each plugin (eval/server.json), shown next to its training-time held-out score
