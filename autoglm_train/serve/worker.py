@@ -19,11 +19,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _ITEM, _ERROR, _END = 0, 1, 2
 
 Emit = Callable[[Any], None]
