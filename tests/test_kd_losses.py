@@ -350,3 +350,28 @@ def test_fused_path_with_bias_and_without_grad() -> None:
         torch.testing.assert_close(g, w, **TOL)
     with torch.no_grad():
         torch.testing.assert_close(chunked(KDLoss(kind="reverse_kl", chunk_size=5), case).loss, ref.detach(), **TOL)
+
+
+def test_fused_forward_kl_takes_a_teacher_logit_of_minus_inf_as_zero_probability() -> None:
+    """A masked teacher column (logit −inf, p = 0) adds nothing to KL(p‖q) and makes nothing nan, value or gradient."""
+    case = make_case()
+    masked = [3, 17, V - 1]
+
+    def teacher_head(h: Tensor) -> Tensor:
+        logits = case["teacher_head"](h)
+        logits[..., masked] = float("-inf")
+        return logits
+
+    loss_fn = KDLoss(kind="forward_kl", kd_ratio=0.5, chunk_size=4)
+    got = chunked(loss_fn, case, teacher_head=teacher_head)
+    mask = case["labels"] != -100
+    s_logits = case["student_head"](case["student_hidden"])
+    p = torch.softmax(teacher_head(case["teacher_hidden"]).detach()[..., :V], -1)
+    logq = torch.log_softmax(s_logits[..., :V], -1)
+    kl = (torch.xlogy(p, p) - p * logq).sum(-1)[mask].mean()
+    ce = F.cross_entropy(s_logits.reshape(-1, V_STUDENT), case["labels"].reshape(-1), ignore_index=-100)
+    want = 0.5 * kl + 0.5 * ce
+    torch.testing.assert_close(got.loss, want, **TOL)
+    for g, w in zip(grads(got.loss, case), grads(want, case), strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, **TOL)

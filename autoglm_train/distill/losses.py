@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from autoglm_train.distill.forward_kl_chunk import forward_kl_chunk
 from autoglm_train.distill.on_policy import OnPolicySpec
 
 Head = Callable[[Tensor], Tensor]
@@ -314,12 +315,7 @@ class KDLoss(nn.Module):
         tau = self.temperature
         with torch.no_grad():
             if mode == "full":
-                t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
-                if t_logits.shape[-1] != width:
-                    raise ValueError(
-                        f"teacher gives {t_logits.shape[-1]} logits and student {width}; pass "
-                        "vocab_size to compare only the shared real vocabulary"
-                    )
+                t_logits = _teacher_logits(t_hidden, teacher_head, vocab_size, width)
                 return F.log_softmax(t_logits if tau == 1.0 else t_logits / tau, dim=-1)
             # log p/τ renormalised over k == softmax(logits/τ) restricted to the top-k ids.
             return F.log_softmax(_upcast(t_logp) / tau, dim=-1)
@@ -336,12 +332,18 @@ class KDLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(Σ KD, Σ CE, ∂(c_kd·ΣKD + c_ce·ΣCE)/∂z or None) for one chunk of student logits ``z`` [c, Vs].
 
-        ``coef`` = (c_kd, c_ce), or None when no gradient is needed. CE's gradient is softmax(z) − onehot(y); forward
-        KL, the default, has the closed form (q_τ − p_τ)/τ and shares the softmax with CE at τ = 1. Every other
-        divergence and the top-k teacher get their gradient from autograd on this chunk's elementwise ops alone.
+        ``coef`` = (c_kd, c_ce), or None when no gradient is needed. CE's gradient is softmax(z) − onehot(y). Forward
+        KL at τ = 1, the default, is :func:`forward_kl_chunk` (reductions over logits); at other τ it has the closed
+        form (q_τ − p_τ)/τ. Every other divergence and the top-k teacher get their gradient from autograd on this
+        chunk's elementwise ops alone.
         """
         t_hidden, t_logp, t_ids = teacher
         tau = self.temperature
+        if mode == "full" and self.kind == "forward_kl" and tau == 1.0:  # the default: reductions over logits
+            width = _slice_vocab(z, vocab_size, "student").shape[-1]
+            with torch.no_grad():
+                t_logits = _teacher_logits(t_hidden, teacher_head, vocab_size, width)
+            return forward_kl_chunk(z, t_logits, y, coef)
         logq = F.log_softmax(z, dim=-1)
         ce = -logq.gather(1, y[:, None]).sum()
         q = logq.exp() if coef is not None else None
@@ -351,21 +353,14 @@ class KDLoss(nn.Module):
             z_kd = _slice_vocab(z, vocab_size, "student")
             width = z_kd.shape[-1]
             teacher_logp = self._teacher_logp(mode, t_hidden, t_logp, teacher_head, vocab_size, width)
-            if mode == "full" and self.kind == "forward_kl":
-                shared = tau == 1.0 and width == z.shape[-1]
-                s_logp = logq if shared else F.log_softmax(z_kd / tau, dim=-1)
+            if mode == "full" and self.kind == "forward_kl":  # τ ≠ 1 (τ = 1 returned above)
+                s_logp = F.log_softmax(z_kd / tau, dim=-1)
                 p = teacher_logp.exp()
                 # Σ p·(log p − log q) over the chunk, formed in place in the teacher's buffer (no new [c, V]
                 # temporary) and summed by torch's cascade sum. A BLAS dot over the c·V products accumulates
                 # sequentially in fp32: 1e-2 off per 256 × 49,152 chunk, 3e-4 on the loss, measured. p = 0 where
                 # log p = −inf, so that is clamped to a finite value first (0·finite = 0, not nan).
                 kd = teacher_logp.clamp_(min=torch.finfo(teacher_logp.dtype).min).sub_(s_logp).mul_(p).sum()
-                if coef is not None and shared:
-                    # (c_ce + c_kd)·q − c_kd·p in place; the CE one-hot is subtracted below.
-                    c_kd, c_ce = coef
-                    grad_z = q.mul_(c_ce + c_kd).sub_(p, alpha=c_kd)
-                    grad_z[torch.arange(z.shape[0], device=z.device), y] -= c_ce
-                    return kd, ce, grad_z
                 if coef is not None:
                     grad_kd = s_logp.exp().sub_(p)
                     if tau != 1.0:
@@ -456,6 +451,17 @@ class KDLoss(nn.Module):
         else:
             kd = topk_divergence(self.kind, teacher_logp, s_logp, t_ids)
         return kd.sum(), ce
+
+
+def _teacher_logits(t_hidden: Tensor, teacher_head: Head, vocab_size: int | None, width: int) -> Tensor:
+    """The teacher's float32 logits on the shared vocabulary for one chunk; refuses a width the student lacks."""
+    t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
+    if t_logits.shape[-1] != width:
+        raise ValueError(
+            f"teacher gives {t_logits.shape[-1]} logits and student {width}; pass "
+            "vocab_size to compare only the shared real vocabulary"
+        )
+    return t_logits
 
 
 def _fusable(head: Head) -> bool:
