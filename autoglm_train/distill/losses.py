@@ -362,9 +362,7 @@ class KDLoss(nn.Module):
                 # log p = −inf, so that is clamped to a finite value first (0·finite = 0, not nan).
                 kd = teacher_logp.clamp_(min=torch.finfo(teacher_logp.dtype).min).sub_(s_logp).mul_(p).sum()
                 if coef is not None:
-                    grad_kd = s_logp.exp().sub_(p)
-                    if tau != 1.0:
-                        grad_kd.div_(tau)
+                    grad_kd = s_logp.exp().sub_(p).div_(tau)
             else:
                 with torch.enable_grad():
                     leaf = z_kd.detach().requires_grad_(coef is not None)
