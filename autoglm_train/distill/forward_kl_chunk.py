@@ -20,30 +20,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from autoglm_train.distill.chunk_buffers import ChunkBuffers
+
 
 def forward_kl_chunk(
-    z: Tensor, zt: Tensor, y: Tensor, coef: tuple[float, float] | None
+    z: Tensor, zt: Tensor, y: Tensor, coef: tuple[float, float] | None, buffers: ChunkBuffers
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(Σ KL(p‖q), Σ CE, ∂(c_kd·ΣKL + c_ce·ΣCE)/∂z or None) over the rows of one chunk, at τ = 1.
 
     Args:
-        z: student logits [c, Vs], float32; read only.
+        z: student logits [c, Vs], float32; overwritten (it is scratch).
         zt: teacher logits [c, V] with V ≤ Vs (the shared leading columns), float32; overwritten (it is scratch).
         y: CE targets [c].
         coef: (c_kd, c_ce), or None when no gradient is needed.
+        buffers: where the two exponentials are written; the gradient returned is the student's one, a view of it.
     """
-    width = zt.shape[-1]
+    rows, width = zt.shape
+    z_target = z.gather(1, y[:, None]).sum()
     m = z.amax(-1, keepdim=True)
-    centred = torch.sub(z, m)  # z − m ≤ 0: the KL below is summed over centred logits, so nothing large cancels
-    e = centred.exp()  # becomes the gradient buffer
+    centred = z.sub_(m)  # z − m ≤ 0: the KL below is summed over centred logits, so nothing large cancels
+    e = torch.exp(centred, out=buffers.get("student_exp", rows, z.shape[-1], z.device))  # becomes the gradient
     s_kd = e[:, :width].sum(-1, keepdim=True)
     s_all = s_kd + e[:, width:].sum(-1, keepdim=True) if e.shape[-1] > width else s_kd
-    ce = (m + s_all.log()).sum() - z.gather(1, y[:, None]).sum()
+    ce = (m + s_all.log()).sum() - z_target
 
     # A teacher logit of −inf means p = 0 there: clamped, its exp is still 0 and its p·(zt − z) stays 0, not nan.
     zt.clamp_(min=-1e30)
     zt.sub_(zt.amax(-1, keepdim=True))
-    pt = zt.exp()
+    pt = torch.exp(zt, out=buffers.get("teacher_exp", rows, width, zt.device))
     st = pt.sum(-1, keepdim=True)
     # Σ_v p_v·((zt − mt) − (z − m))_v per row, in the teacher's buffer, by torch's cascade sum (a BLAS dot
     # accumulates sequentially in fp32 and was 1e-4 off on the loss at 256 × 49,152, measured).
@@ -58,5 +62,5 @@ def forward_kl_chunk(
         e[:, width:].mul_(c_ce / s_all)
     e[:, :width].sub_(pt.mul_(c_kd / st))
     if c_ce:
-        e[torch.arange(z.shape[0], device=z.device), y] -= c_ce
+        e[torch.arange(rows, device=z.device), y] -= c_ce
     return kd, ce, e

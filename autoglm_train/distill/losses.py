@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from autoglm_train.distill.chunk_buffers import ChunkBuffers
 from autoglm_train.distill.forward_kl_chunk import forward_kl_chunk
 from autoglm_train.distill.on_policy import OnPolicySpec
 
@@ -219,6 +220,7 @@ class KDLoss(nn.Module):
         self.kd_ratio = float(kd_ratio)
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index
+        self.buffers = ChunkBuffers()  # the fused path's per-chunk logits, reused (see chunk_buffers.py)
 
     def extra_repr(self) -> str:
         return (
@@ -278,6 +280,7 @@ class KDLoss(nn.Module):
             loss, kd_sum, ce_sum = _FusedKD.apply(
                 h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self, with_ce
             )
+            self.buffers.release_unless_cpu()
             kd_loss = kd_sum * (self.temperature**2 / n)
             ce_loss = ce_sum / n
             return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
@@ -342,8 +345,8 @@ class KDLoss(nn.Module):
         if mode == "full" and self.kind == "forward_kl" and tau == 1.0:  # the default: reductions over logits
             width = _slice_vocab(z, vocab_size, "student").shape[-1]
             with torch.no_grad():
-                t_logits = _teacher_logits(t_hidden, teacher_head, vocab_size, width)
-            return forward_kl_chunk(z, t_logits, y, coef)
+                t_logits = _teacher_logits(t_hidden, teacher_head, vocab_size, width, self.buffers)
+            return forward_kl_chunk(z, t_logits, y, coef, self.buffers)
         logq = F.log_softmax(z, dim=-1)
         ce = -logq.gather(1, y[:, None]).sum()
         q = logq.exp() if coef is not None else None
@@ -451,9 +454,20 @@ class KDLoss(nn.Module):
         return kd.sum(), ce
 
 
-def _teacher_logits(t_hidden: Tensor, teacher_head: Head, vocab_size: int | None, width: int) -> Tensor:
-    """The teacher's float32 logits on the shared vocabulary for one chunk; refuses a width the student lacks."""
-    t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
+def _teacher_logits(
+    t_hidden: Tensor, teacher_head: Head, vocab_size: int | None, width: int, buffers: ChunkBuffers | None = None
+) -> Tensor:
+    """The teacher's float32 logits on the shared vocabulary for one chunk; refuses a width the student lacks.
+
+    With ``buffers`` and a plain linear head, only the shared rows of its weight are multiplied, into a reused buffer.
+    """
+    if buffers is not None and _fusable(teacher_head):
+        weight, bias = teacher_head.weight, teacher_head.bias
+        _slice_vocab(weight.t(), vocab_size, "teacher")  # the same refusal as on the logits
+        rows = slice(0, vocab_size or weight.shape[0])
+        t_logits = buffers.logits("teacher_logits", t_hidden, weight[rows], None if bias is None else bias[rows])
+    else:
+        t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
     if t_logits.shape[-1] != width:
         raise ValueError(
             f"teacher gives {t_logits.shape[-1]} logits and student {width}; pass "
@@ -503,7 +517,7 @@ class _FusedKD(torch.autograd.Function):
         ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in _chunks(n, loss.chunk_size):
             h_c = h[s]
-            z = _upcast(F.linear(h_c, weight, bias))
+            z = loss.buffers.logits("student_logits", h_c, weight, bias)
             kd, ce, grad_z = loss._fused_chunk(
                 z,
                 y[s],
@@ -536,7 +550,7 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, _kd: Tensor, _ce: Tensor) -> tuple[Tensor | None, ...]:
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)  # ours to scale
         ctx.grads = None
         return (*grads, None, None, None, None, None, None, None)
 
