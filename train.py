@@ -13,10 +13,13 @@ import hydra
 from omegaconf import DictConfig
 
 from autoglm_train.errors import exit_on_config_error
+from autoglm_train.utils.host_memory import keep_freed_host_memory
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    if cfg.get("keep_freed_host_memory", True):
+        keep_freed_host_memory()
     with exit_on_config_error():
         recipe = importlib.import_module(cfg.recipe.module)
         recipe.run(cfg)

@@ -375,3 +375,38 @@ def test_fused_forward_kl_takes_a_teacher_logit_of_minus_inf_as_zero_probability
     for g, w in zip(grads(got.loss, case), grads(want, case), strict=True):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w, **TOL)
+
+
+def test_fused_loss_reuses_its_chunk_buffers_and_stays_exact_when_shapes_change() -> None:
+    """The per-chunk logits live in buffers kept across chunks and calls (CPU page faults, chunk_buffers.py); reuse
+    never leaks one chunk's or one call's values into the next, and a wider head gets fresh, right-sized buffers."""
+    loss_fn = KDLoss(kind="forward_kl", kd_ratio=0.5, chunk_size=4)
+    case = make_case()
+    first = chunked(loss_fn, case)
+    first_grads = grads(first.loss, case)
+    kept = {name: buf.data_ptr() for name, buf in loss_fn.buffers._kept.items()}
+    assert set(kept) == {"student_logits", "teacher_logits", "student_exp", "teacher_exp"}
+
+    other = make_case(seed=1)  # different values, same shapes: the same memory, this call's result
+    got = chunked(loss_fn, other)
+    want = reference_loss("forward_kl", 1.0, 0.5, other)
+    torch.testing.assert_close(got.loss, want, **TOL)
+    for g, w in zip(grads(got.loss, other), grads(want, other), strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+    assert {name: buf.data_ptr() for name, buf in loss_fn.buffers._kept.items()} == kept
+
+    again = chunked(loss_fn, case)  # back to the first inputs: bit-identical to the first call
+    assert torch.equal(again.loss, first.loss)
+    for g, w in zip(grads(again.loss, case), first_grads, strict=True):
+        assert torch.equal(g, w)
+
+    wide = make_case()
+    wide["student_head"] = nn.Linear(HS, V_STUDENT + 8, bias=False)
+    got = chunked(loss_fn, wide)
+    s_logits = wide["student_head"](wide["student_hidden"])
+    mask = wide["labels"] != -100
+    p = torch.softmax(wide["teacher_head"](wide["teacher_hidden"])[..., :V], -1)
+    kl = (p * (p.log() - torch.log_softmax(s_logits[..., :V], -1))).sum(-1)[mask].mean()
+    ce = F.cross_entropy(s_logits.reshape(-1, V_STUDENT + 8), wide["labels"].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(got.loss, 0.5 * kl + 0.5 * ce, **TOL)
+    assert loss_fn.buffers._kept["student_logits"].shape == (4, V_STUDENT + 8)
