@@ -410,3 +410,19 @@ def test_fused_loss_reuses_its_chunk_buffers_and_stays_exact_when_shapes_change(
     ce = F.cross_entropy(s_logits.reshape(-1, V_STUDENT + 8), wide["labels"].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(got.loss, 0.5 * kl + 0.5 * ce, **TOL)
     assert loss_fn.buffers._kept["student_logits"].shape == (4, V_STUDENT + 8)
+
+
+def test_chunk_logits_under_autocast_are_the_autocast_product() -> None:
+    """Under mixed precision the head runs as autocast runs it (bf16 here), not as a float32 ``out=`` product."""
+    from autoglm_train.distill.chunk_buffers import ChunkBuffers
+
+    torch.manual_seed(0)
+    h, w = torch.randn(5, 64), torch.randn(300, 64)
+    buffers = ChunkBuffers()
+    exact = buffers.logits("x", h, w)
+    torch.testing.assert_close(exact, h @ w.t())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = buffers.logits("x", h, w)
+        want = F.linear(h, w).float()
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, want)
+    assert not torch.equal(mixed, exact)  # bf16 rounding shows: it really ran in bf16

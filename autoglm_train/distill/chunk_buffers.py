@@ -31,10 +31,12 @@ class ChunkBuffers:
     def logits(self, name: str, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``hidden @ weight.T + bias`` as float32, written into buffer ``name`` when everything is float32.
 
-        Half-precision heads are multiplied in their own dtype (no float32 copy of the weight) and upcast afterwards,
-        into a fresh tensor.
+        Half-precision heads, and any head under autocast (an ``out=`` product would skip autocast and run in float32,
+        slower on a GPU than the bf16 product mixed precision asks for), are multiplied as ``F.linear`` would and
+        upcast afterwards, into a fresh tensor.
         """
-        if hidden.dtype != torch.float32 or weight.dtype != torch.float32:
+        fp32 = hidden.dtype == torch.float32 and weight.dtype == torch.float32
+        if not fp32 or torch.is_autocast_enabled(hidden.device.type):
             return torch.nn.functional.linear(hidden, weight, bias).float()
         out = self.get(name, hidden.shape[0], weight.shape[0], hidden.device)
         if bias is None:
