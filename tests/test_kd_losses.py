@@ -426,3 +426,11 @@ def test_chunk_logits_under_autocast_are_the_autocast_product() -> None:
         want = F.linear(h, w).float()
     assert mixed.dtype == torch.float32 and torch.equal(mixed, want)
     assert not torch.equal(mixed, exact)  # bf16 rounding shows: it really ran in bf16
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])  # the fused forward KL reads the head's weight; jsd calls it
+def test_a_teacher_head_narrower_than_vocab_size_is_refused_by_name(kind: str) -> None:
+    case = make_case()
+    case["teacher_head"] = nn.Linear(HT, V - 1, bias=False).requires_grad_(False)
+    with pytest.raises(ValueError, match=f"teacher head gives {V - 1} logits, fewer than vocab_size={V}"):
+        chunked(KDLoss(kind=kind, chunk_size=4), case)

@@ -462,10 +462,9 @@ def _teacher_logits(
     With ``buffers`` and a plain linear head, only the shared rows of its weight are multiplied, into a reused buffer.
     """
     if buffers is not None and _fusable(teacher_head):
-        weight, bias = teacher_head.weight, teacher_head.bias
-        _slice_vocab(weight.t(), vocab_size, "teacher")  # the same refusal as on the logits
-        rows = slice(0, vocab_size or weight.shape[0])
-        t_logits = buffers.logits("teacher_logits", t_hidden, weight[rows], None if bias is None else bias[rows])
+        weight = _slice_vocab(teacher_head.weight.t(), vocab_size, "teacher").t()  # the shared rows, same refusal
+        bias = teacher_head.bias
+        t_logits = buffers.logits("teacher_logits", t_hidden, weight, None if bias is None else bias[: len(weight)])
     else:
         t_logits = _slice_vocab(_upcast(teacher_head(t_hidden)), vocab_size, "teacher")
     if t_logits.shape[-1] != width:
