@@ -9,6 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.kernel_isolation"]  # @pytest.mark.isolated: a crashing kernel fails its test alone
+
 CACHE = Path(os.environ.get("AUTOGLM_CACHE", REPO / ".cache"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

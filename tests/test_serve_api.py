@@ -335,6 +335,7 @@ def test_metrics_count_requests_tokens_and_latency(client):
     assert 'autoglm_module_loaded{module="decoder",device="cpu"} 1' in text
 
 
+@pytest.mark.isolated  # runs the int8pack kernel: a crash fails this test alone
 def test_int8_quantized_decoder_still_answers(make_client, bundles):
     pytest.importorskip("torchao")
     engine = Engine(read_bundle(bundles.full), quantize="int8")

@@ -14,6 +14,8 @@ from autoglm_train.serve.bundle import read_bundle
 from tests.serve_support import one_thread
 
 pytest.importorskip("torchao")
+# every test here runs the int8pack kernel: a kernel crash fails that test by name, not the whole run (issue 25)
+pytestmark = pytest.mark.isolated
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,28 @@ def _check_int8pack_layout(decoder) -> None:
     assert embed.weight.qdata.data_ptr() == head.qdata.data_ptr(), "the tied head and embedding must share one matrix"
     float_linears = [n for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
     assert not float_linears, f"linears left in float: {float_linears}"
+
+
+@pytest.mark.parametrize("with_form", [True, False], ids=["int8-form", "in-memory"])
+def test_every_packed_int8_weight_and_scale_is_64_byte_aligned(bundles, int8_bundle, with_form):
+    """The int8pack kernel faults on AVX-512 for a weight that lies in its safetensors file as loaded (issue 25)."""
+    from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
+    from autoglm_train.utils.aligned import ALIGNMENT
+
+    decoder, _, _ = _serve_int8(int8_bundle if with_form else bundles.full)
+    packed = {
+        f"{name}.{field}": getattr(module, field)
+        for name, module in decoder.named_modules()
+        if isinstance(module, Int8PackedLinear)
+        for field in ("qdata", "scale")
+    }
+    assert len(packed) >= 2 * 13, sorted(packed)  # 2 blocks x 6 linears + the head, weight and scale each
+    misaligned = {name: t.data_ptr() % ALIGNMENT for name, t in packed.items() if t.data_ptr() % ALIGNMENT}
+    assert not misaligned, f"tensors off a {ALIGNMENT}-byte boundary (name: data_ptr % {ALIGNMENT}): {misaligned}"
+    embed = decoder.get_input_embeddings()
+    assert (
+        isinstance(embed, Int8Embedding) and embed.qdata.data_ptr() == decoder.get_output_embeddings().qdata.data_ptr()
+    )
 
 
 def test_cpu_int8_serves_the_standard_form_with_the_int8pack_kernel(int8_bundle, reference):

@@ -8,6 +8,8 @@
   weight-only path converts the whole weight to float on every call and is slower than fp32.
   The kernel takes bf16 (or fp16) activations, so outputs carry bf16 rounding. It is a matrix-
   vector kernel: for many rows at once (prefill) dequantizing to bf16 and one GEMM is faster.
+  Its weight and scales are held 64-byte aligned (:mod:`autoglm_train.utils.aligned`): on AVX-512 the
+  kernel faults on a weight as it lies in a safetensors file (8-byte aligned), taking the process down.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from autoglm_train.utils.aligned import aligned
 
 
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,8 +98,10 @@ class Int8PackedLinear(nn.Module):
         super().__init__()
         if compute_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"Int8PackedLinear: compute_dtype must be bfloat16 or float16, got {compute_dtype}")
-        self.register_buffer("qdata", qdata.contiguous())
-        self.register_buffer("scale", scale.reshape(-1).to(compute_dtype))
+        # aligned: the kernel faults on AVX-512 otherwise (utils/aligned.py); a no-op for what is already aligned,
+        # so a tied embedding that reads the same (realigned) matrix keeps sharing it
+        self.register_buffer("qdata", aligned(qdata))
+        self.register_buffer("scale", aligned(scale.reshape(-1).to(compute_dtype)))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
         self.out_features, self.in_features = qdata.shape

@@ -16,6 +16,7 @@ from torch import nn
 
 from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
 from autoglm_train.quant.schemes import check_scheme, head_ptq_config, ptq_config, torchao_quantization
+from autoglm_train.utils.aligned import aligned
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def pack_weight_only(model: nn.Module) -> int:
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"quant.ptq.kernel=int8pack is a CPU kernel; the model is on {sorted(devices)}")
+    realign_int8_weights(model)
     swaps = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -115,3 +117,23 @@ def pack_weight_only(model: nn.Module) -> int:
             setattr(module, name, packed)
             swaps += 1
     return swaps
+
+
+def realign_int8_weights(model: nn.Module) -> int:
+    """Move every CPU int8 weight's ``qdata`` and ``scale`` into 64-byte aligned storage; returns how many moved.
+
+    A weight loaded from a safetensors file lies 8-byte aligned, and the int8pack kernel faults on it on AVX-512
+    hosts (:mod:`autoglm_train.utils.aligned`). The Parameter is changed in place, so a head and an embedding
+    tied to it keep reading one matrix.
+    """
+    moved = 0
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen or not hasattr(param, "qdata") or param.device.type != "cpu":
+            continue
+        seen.add(id(param))
+        qdata, scale = aligned(param.qdata), aligned(param.scale)
+        if qdata is not param.qdata or scale is not param.scale:
+            param.qdata, param.scale = qdata, scale
+            moved += 1
+    return moved

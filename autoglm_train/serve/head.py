@@ -12,6 +12,9 @@ vocabulary once, as before.
 Held-out evaluation (:meth:`Engine.in_process`) and the server take their logits from this same
 function, so what evaluation measured is what the server answers, to the last bit.
 GPUs, int8 heads and non-float dtypes keep the module's own forward.
+The transposed matrix is a copy this process made (64-byte aligned, :mod:`autoglm_train.utils.aligned`),
+never the loaded file's storage. MKL's GEMM takes any alignment, so the fp32 head had no fault to fix (checked
+for the AVX-512 int8pack crash); :func:`aligned` only makes the assumption explicit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from autoglm_train.utils.aligned import aligned
 
 
 def body_of(decoder: nn.Module) -> nn.Module:
@@ -48,7 +53,7 @@ def store_transposed(decoder: nn.Module) -> bool:
     if not _transposable(head):
         return False
     weight = head.weight
-    shared = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+    shared = nn.Parameter(aligned(weight.detach().t()).t(), requires_grad=False)
     head.weight = shared
     if embed is not None and embed.weight is weight:
         embed.weight = shared
@@ -74,5 +79,4 @@ def vocab_head(decoder: nn.Module) -> Callable[[Tensor], Tensor]:
     head = decoder.get_output_embeddings()
     if not _transposable(head):
         return head
-    weight_t = head.weight.detach().t()
-    return TransposedHead(weight_t if weight_t.is_contiguous() else weight_t.contiguous())
+    return TransposedHead(aligned(head.weight.detach().t()))
