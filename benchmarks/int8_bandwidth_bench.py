@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_bench import PY, REPO, Load, ServerFailed, Target, drive, free_port, launched, our_body  # noqa: E402
+from serve_bench import PY, REPO, Load, ServerFailed, Target, drive, free_port, launched, our_body
 
 WORK = REPO / "outputs" / "int8_bandwidth_bench"
 FORMS = {"fp32": [], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"]}
@@ -132,11 +132,8 @@ def machine_facts(args: argparse.Namespace, bundle: Path, load_start: tuple[floa
     import torch
 
     config = json.loads((bundle / "decoder" / "config.json").read_text())
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        "?",
-    )
     flags = Path("/proc/cpuinfo").read_text()
+    cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if "model name" in line), "?")
     end = os.getloadavg()
     return [
         f"Decoder: `conf/model/{args.model}.yaml` with random weights — hidden {config['hidden_size']}, "
