@@ -130,7 +130,7 @@ def heldout_kl(student, teacher, states: list, val_ids, val_labels, vocab: int, 
     """
     import torch
 
-    from autoglm_train.distill.losses import teacher_agreement_and_kl
+    from autoglm_train.distill.teacher_agreement import teacher_agreement_and_kl
 
     was_training = student.training
     student.eval()
