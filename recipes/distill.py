@@ -222,9 +222,9 @@ def _tokenizer(cfg: DictConfig, teacher_spec):
     from transformers import AutoTokenizer
 
     teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
+    base_vocab = len(teacher_tokenizer)  # before student_tokenizer, which may add the reserved tokens to it
     own = cfg.recipe.student_tokenizer
-    tokenizer = student_tokenizer(teacher_tokenizer, AutoTokenizer.from_pretrained(own) if own else None)
-    return tokenizer, len(teacher_tokenizer)
+    return student_tokenizer(teacher_tokenizer, AutoTokenizer.from_pretrained(own) if own else None), base_vocab
 
 
 def _int8_form(final, student_dir: Path, ptq, data, kd_vocab: int, out_dir: Path) -> dict:
