@@ -1,11 +1,12 @@
 """recipe=distill's last step under ``quant.ptq``: the int8 serving form of the trained student, measured.
 
 The saved float student (``student/``) is quantized into ``student_int8/`` by the one int8 writer
-(:func:`~autoglm_train.quant.int8_layout.write_int8`, the export's too), then that directory is loaded back
-the way it is served and scored against the float student on held-out batches (KL, top-1 agreement,
-perplexity). So ``ptq/*`` are the numbers of the file on disk, which the export ships as the bundle's
-``int8/`` when the student is unchanged. (The loaded model is also bit-identical to
-:func:`~autoglm_train.quant.ptq.quantize_model` of the float student in memory: ``tests/test_quant_ptq.py``.)
+(:func:`~autoglm_train.quant.int8_layout.write_int8`, the export's too). That directory is loaded back,
+with the inference modules of the spec's kernel as the server builds them, and scored against the float
+student on held-out batches (KL, top-1 agreement, perplexity). So ``ptq/*`` are the numbers of the file
+on disk, which the export ships as the bundle's ``int8/`` while the student is unchanged. (The loaded model
+is also bit-identical to :func:`~autoglm_train.quant.ptq.quantize_model` of the float student in memory:
+``tests/test_quant_ptq.py``.)
 """
 
 from __future__ import annotations
