@@ -25,7 +25,7 @@ from results import write_section
 def _measure(variant: str, batch: int, seq: int, vocab: int, hidden: int, chunk: int, teacher_hidden: int) -> dict:
     import torch
 
-    from autoglm_train.distill.losses import KDLoss
+    from autoglm_train.distill.kd_loss import KDLoss
 
     torch.manual_seed(0)
     s_head = torch.nn.Linear(hidden, vocab, bias=False)

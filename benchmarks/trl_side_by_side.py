@@ -130,7 +130,7 @@ def heldout_kl(student, teacher, states: list, val_ids, val_labels, vocab: int, 
     """
     import torch
 
-    from autoglm_train.distill.losses import teacher_agreement_and_kl
+    from autoglm_train.distill.teacher_agreement import teacher_agreement_and_kl
 
     was_training = student.training
     student.eval()
@@ -321,21 +321,9 @@ def ours_command(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
-    """Train ``arm`` with TRL on the shared blocks and init; writes ``out/result.json`` and ``out/student``."""
-    import torch
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-    from autoglm_train.distill.on_policy import is_on_policy
-
-    rows = torch.load(setup.train_batches(arm)).reshape(-1, arm.seq_len)  # step s trains rows [s*B, (s+1)*B)
-    tok = AutoTokenizer.from_pretrained(setup.teacher_dir)
-    student = AutoModelForCausalLM.from_pretrained(setup.init_trl_dir, use_safetensors=True, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(setup.teacher_dir, use_safetensors=True, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.01)  # = ours
-    common = {
+def _trl_args(arm: Arm, setup: Setup, out: Path) -> dict:
+    """The TRL ``TrainingArguments`` both TRL arms share: ours' steps, batch, lr, clipping, seed; CPU, fp32, quiet."""
+    return {
         "output_dir": str(out / "trl"),
         "max_steps": setup.steps,
         "per_device_train_batch_size": arm.batch,
@@ -354,6 +342,41 @@ def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
+
+
+def _gkd_collate(prompt_len: int):
+    """GKD's batch of our blocks: the whole block as labels, its first ``prompt_len`` tokens as the prompt."""
+    import torch
+
+    def collate(examples: list[dict]) -> dict:
+        ids = torch.tensor([e["input_ids"] for e in examples])
+        ones = torch.ones_like(ids)
+        return {
+            "input_ids": ids,
+            "attention_mask": ones,
+            "labels": ids.clone(),
+            "prompts": ids[:, :prompt_len],
+            "prompt_attention_mask": ones[:, :prompt_len],
+        }
+
+    return collate
+
+
+def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
+    """Train ``arm`` with TRL on the shared blocks and init; writes ``out/result.json`` and ``out/student``."""
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from autoglm_train.distill.on_policy import is_on_policy
+
+    rows = torch.load(setup.train_batches(arm)).reshape(-1, arm.seq_len)  # step s trains rows [s*B, (s+1)*B)
+    tok = AutoTokenizer.from_pretrained(setup.teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(setup.init_trl_dir, use_safetensors=True, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(setup.teacher_dir, use_safetensors=True, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.01)  # = ours
+    common = _trl_args(arm, setup, out)
     seen: dict = {"checksums": [], "on_policy": 0}
 
     class StepTimer(TrainerCallback):
@@ -390,18 +413,7 @@ def trl_child(arm: Arm, setup: Setup, out: Path) -> None:
     else:
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        prompt_len = arm.seq_len - setup.max_new_tokens + 1  # as ours: prompt + generated = seq_len + 1 tokens
-
-        def collate(examples: list[dict]) -> dict:
-            ids = torch.tensor([e["input_ids"] for e in examples])
-            ones = torch.ones_like(ids)
-            return {
-                "input_ids": ids,
-                "attention_mask": ones,
-                "labels": ids.clone(),
-                "prompts": ids[:, :prompt_len],
-                "prompt_attention_mask": ones[:, :prompt_len],
-            }
+        collate = _gkd_collate(arm.seq_len - setup.max_new_tokens + 1)  # prompt + generated = seq_len + 1
 
         class SameBlocksGKD(GKDTrainer):
             """Our block order, and our coin flips (seed, step) instead of ``random.random()``."""

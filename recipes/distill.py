@@ -23,6 +23,7 @@ from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parame
 from autoglm_train.model.hf_io import save_hf_decoder
 from autoglm_train.model.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
 from autoglm_train.quant.callback import QATStartCallback
+from autoglm_train.quant.qat import convert_qat
 from autoglm_train.tasks.distill_task import DistillTask
 from autoglm_train.tasks.sharding import gathered_student
 from autoglm_train.tasks.summary import write_summary
@@ -44,16 +45,9 @@ def run(cfg: DictConfig) -> dict:
 
     # 1. Tokenizer and vocabulary preflight (cheap; fails before the teacher is loaded).
     teacher_spec = instantiate(cfg.teacher)
-    if teacher_spec.shard and not getattr(trainer.strategy, "zero_stage_3", False):
-        raise ConfigValueError(
-            "teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3 "
-            f"(this run: {_strategy_name(trainer)})"
-        )
+    _check_teacher_shard(teacher_spec, trainer)
     _check_on_policy(cfg)
-    teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
-    base_vocab = len(teacher_tokenizer)
-    own = cfg.recipe.student_tokenizer
-    tokenizer = student_tokenizer(teacher_tokenizer, _load_tokenizer(own) if own else None)
+    tokenizer, base_vocab = _tokenizer(cfg, teacher_spec)
 
     # 2. Data: tokenized, packed, split and cached.
     data = TextDataModule(instantiate(cfg.data), tokenizer)
@@ -65,47 +59,13 @@ def run(cfg: DictConfig) -> dict:
     # 3b. Optional offline teacher top-k: training then never runs the teacher.
     cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
     if cache_spec.enabled:
-        if not teacher_spec.load_in_8bit:
-            teacher.to(trainer.strategy.root_device)
-        data.setup("fit")
-        cache_dir = cache_dir_for(
-            Path(cfg.paths.cache_dir) / "teacher_topk",
-            cfg.teacher.path + ("#int8" if teacher_spec.load_in_8bit else ""),  # int8 teacher: its own top-k
-            f"{data.data.cache_path.name}:{len(data.data.train)}",
-            cache_spec.k,
-            plan.kd_vocab_size,
-        )
-        data.attach_train_columns(build_topk_cache(teacher, data.data.train, cache_dir, cache_spec, plan.kd_vocab_size))
+        _attach_topk_cache(cfg, cache_spec, teacher, teacher_spec.load_in_8bit, data, plan.kd_vocab_size, trainer)
 
     # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
     #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
     #    QAT: it trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
     #    student.init=teacher: the teacher's weights mapped into GLM, cut to the student's shape by measured importance.
-    spec = instantiate(cfg.model)
-    token_ids = (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    init = instantiate(cfg.student) if cfg.get("student") else StudentInitSpec()
-    mapped, init_summary = None, {"init": init.init}
-    if init.init == "teacher":
-        spec, mapped, init_summary = _teacher_init(cfg, trainer, teacher, spec, init, data, plan.kd_vocab_size)
-
-    def make_student() -> torch.nn.Module:
-        student = build_decoder(spec, *token_ids, device=None, dtype=None)
-        if mapped is not None and not next(student.parameters()).is_meta:  # FSDP2's other ranks: rank 0 broadcasts
-            load_mapped(student, mapped)
-        if qat:
-            from autoglm_train.quant.qat import prepare_qat
-
-            prepare_qat(student, qat)
-        return student
-
-    shape = build_decoder(spec, *token_ids, device="meta")
-    log.info(
-        "student %s: %s params (vocab %d, KD over %d)",
-        spec.name,
-        f"{count_parameters(shape):,}",
-        shape.config.vocab_size,
-        plan.kd_vocab_size,
-    )
+    make_student, init_summary = _student(cfg, trainer, teacher, tokenizer, data, plan.kd_vocab_size, qat)
 
     # 5. Task and fit; resumes from the newest complete checkpoint when asked.
     task = DistillTask(
@@ -122,8 +82,6 @@ def run(cfg: DictConfig) -> dict:
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
     val = trainer.validate(task, datamodule=data, verbose=False)[0] if trainer.limit_val_batches else {}
     if qat:
-        from autoglm_train.quant.qat import convert_qat
-
         convert_qat(task.student)  # back to plain float modules: the weights that learned to survive int8
 
     # 6. The student as a plain HF directory, plus greedy samples to eyeball: written by global rank 0
@@ -134,13 +92,9 @@ def run(cfg: DictConfig) -> dict:
     student_dir = save_hf_decoder(final, tokenizer, out_dir / "student")
     samples = _samples(final, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens))
 
-    # 7. The int8 serving form (PTQ of the trained student), scored against it on held-out batches.
-    int8 = {}
-    if ptq:
-        from autoglm_train.quant.int8_form import int8_form
-
-        final.cpu()
-        int8 = int8_form(final, ptq, data.val_dataloader(), plan.kd_vocab_size, out_dir / "student_int8", tokenizer)
+    # 7. The int8 serving form (PTQ of the saved student) in student_int8/, loaded back and scored against the
+    #    float student on held-out batches; the export ships that same file while the student is unchanged.
+    int8 = _int8_form(final.cpu(), student_dir, ptq, data, plan.kd_vocab_size, out_dir) if ptq else {}
     summary = {
         "recipe": "distill",
         "student_dir": str(student_dir),
@@ -156,12 +110,8 @@ def run(cfg: DictConfig) -> dict:
         "samples": samples,
     }
     write_summary(out_dir / "run_summary.json", summary)
-    log.info(
-        "student saved to %s | val/ppl %.2f | agreement %.3f",
-        student_dir,
-        summary.get("val/ppl", float("nan")),
-        summary.get("val/teacher_top1_agreement", float("nan")),
-    )
+    ppl, agree = (summary.get(k, float("nan")) for k in ("val/ppl", "val/teacher_top1_agreement"))
+    log.info("student saved to %s | val/ppl %.2f | agreement %.3f", student_dir, ppl, agree)
     return summary
 
 
@@ -181,6 +131,62 @@ def _teacher_init(
     batches = calibration_batches(data.data.train, init.calibration_blocks, init.calibration_batch_size)
     spec, mapped, sel = teacher_initialised(teacher, model, init, batches, vocab_rows)
     return spec, mapped, {"init": "teacher", "layer_score": init.layer_score, "layers": sel.layers, **sel.scores}
+
+
+def _check_teacher_shard(teacher_spec, trainer: L.Trainer) -> None:
+    if teacher_spec.shard and not getattr(trainer.strategy, "zero_stage_3", False):
+        raise ConfigValueError(
+            "teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3 "
+            f"(this run: {_strategy_name(trainer)})"
+        )
+
+
+def _attach_topk_cache(
+    cfg: DictConfig, spec: TopKCacheSpec, teacher, int8: bool, data, kd_vocab: int, trainer: L.Trainer
+) -> None:
+    """Score the train split with the teacher once (or reuse the cache) and attach its top-k columns."""
+    if not int8:
+        teacher.to(trainer.strategy.root_device)
+    data.setup("fit")
+    cache_dir = cache_dir_for(
+        Path(cfg.paths.cache_dir) / "teacher_topk",
+        cfg.teacher.path + ("#int8" if int8 else ""),  # int8 teacher: its own top-k
+        f"{data.data.cache_path.name}:{len(data.data.train)}",
+        spec.k,
+        kd_vocab,
+    )
+    data.attach_train_columns(build_topk_cache(teacher, data.data.train, cache_dir, spec, kd_vocab))
+
+
+def _student(cfg: DictConfig, trainer: L.Trainer, teacher, tokenizer, data, kd_vocab: int, qat):
+    """(what the task calls to build the student, how it was initialised): the configured shape, or the teacher's
+    weights cut to it (``student.init=teacher``)."""
+    spec = instantiate(cfg.model)
+    token_ids = (len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    init = instantiate(cfg.student) if cfg.get("student") else StudentInitSpec()
+    mapped, init_summary = None, {"init": init.init}
+    if init.init == "teacher":
+        spec, mapped, init_summary = _teacher_init(cfg, trainer, teacher, spec, init, data, kd_vocab)
+    shape = build_decoder(spec, *token_ids, device="meta")
+    params = f"{count_parameters(shape):,}"
+    log.info("student %s: %s params (vocab %d, KD over %d)", spec.name, params, shape.config.vocab_size, kd_vocab)
+    return _student_factory(spec, token_ids, mapped, qat), init_summary
+
+
+def _student_factory(spec: DecoderSpec, token_ids: tuple, mapped: dict | None, qat):
+    """What the task calls to build the student inside the strategy's context."""
+
+    def make_student() -> torch.nn.Module:
+        student = build_decoder(spec, *token_ids, device=None, dtype=None)
+        if mapped is not None and not next(student.parameters()).is_meta:  # FSDP2's other ranks: rank 0 broadcasts
+            load_mapped(student, mapped)
+        if qat:
+            from autoglm_train.quant.qat import prepare_qat
+
+            prepare_qat(student, qat)
+        return student
+
+    return make_student
 
 
 def _check_on_policy(cfg: DictConfig) -> None:
@@ -210,10 +216,23 @@ def _strategy_name(trainer: L.Trainer) -> str:
     return name
 
 
-def _load_tokenizer(path: str):
+def _tokenizer(cfg: DictConfig, teacher_spec):
+    """(the student's tokenizer: the teacher's or ``recipe.student_tokenizer``, + reserved tokens; the teacher's
+    vocabulary size)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
+    base_vocab = len(teacher_tokenizer)  # before student_tokenizer, which may add the reserved tokens to it
+    own = cfg.recipe.student_tokenizer
+    return student_tokenizer(teacher_tokenizer, AutoTokenizer.from_pretrained(own) if own else None), base_vocab
+
+
+def _int8_form(final, student_dir: Path, ptq, data, kd_vocab: int, out_dir: Path) -> dict:
+    """``ptq/*``: the saved student quantized into ``student_int8/`` by the export's writer, loaded back, scored."""
+    from autoglm_train.quant.int8_form import int8_form
+    from autoglm_train.quant.int8_layout import PTQ_DIR
+
+    return int8_form(final, student_dir, ptq, data.val_dataloader(), kd_vocab, out_dir / PTQ_DIR)
 
 
 @torch.no_grad()

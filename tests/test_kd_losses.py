@@ -9,14 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoglm_train.distill.losses import (
-    KD_KINDS,
-    TOPK_KINDS,
-    KDLoss,
-    divergence,
-    teacher_agreement_and_kl,
-    topk_divergence,
-)
+from autoglm_train.distill.divergences import KD_KINDS, TOPK_KINDS, divergence, topk_divergence
+from autoglm_train.distill.kd_loss import KDLoss
+from autoglm_train.distill.teacher_agreement import teacher_agreement_and_kl
 
 B, T, HS, HT, V = 2, 7, 16, 12, 50
 V_STUDENT = V + 4  # reserved rows the KD term must ignore

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from autoglm_train.distill.losses import KD_KINDS, KDLoss
+from autoglm_train.distill.divergences import KD_KINDS
+from autoglm_train.distill.kd_loss import KDLoss
 from autoglm_train.distill.on_policy import (
     is_on_policy,
     on_policy_batch,

@@ -39,7 +39,7 @@ def test_quick_pipeline_fails_clearly_then_resumes_to_an_evaluated_bundle_and_re
     assert "stage 'speech' failed" in failed.stderr and str(root / "logs" / "speech.log") in failed.stderr
     kept = [
         "distill/run_summary.json",
-        "distill/student_int8/int8.json",
+        "distill/student_int8/model.safetensors",
         "eval/compare.json",
         "vision/run_summary.json",
     ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -99,24 +97,40 @@ def test_int8pack_kernel_matches_torchao_weight_only():
         assert (a - b).abs().max() <= 0.02 * a.abs().max()  # bf16 activations
 
 
-def test_round_trip_through_the_export_int8_layout(tmp_path):
-    int8_export = pytest.importorskip("autoglm_train.export.int8")
-    from safetensors.torch import load_file
+@pytest.mark.parametrize(
+    ("scheme", "head", "tied"),
+    [("int8_weight_only", True, True), ("int8_dynamic", True, False), ("int8_weight_only", False, True)],
+)
+def test_the_int8_form_on_disk_loads_back_bit_identical_to_ptq_in_memory(tmp_path, scheme, head, tied):
+    """What recipe=distill measures (the form loaded back) is what quantize_model computes, to the bit."""
+    import copy
 
-    from autoglm_train.quant.int8_dir import save_int8_dir
-    from autoglm_train.quant.ptq import quantize_model
+    from safetensors import safe_open
 
-    model = _micro()
-    quantize_model(model)
-    out = save_int8_dir(model, tmp_path / "student_int8", "int8_weight_only")
-    meta = json.loads((out / "int8.json").read_text())
-    assert meta["format"] == "autoglm-int8" and meta["quant_scheme"] == "int8_weight_only"
-    assert "model.embed_tokens.weight" in meta["quantized"] and "lm_head.weight" not in meta["quantized"]
-    stored = load_file(str(out / "model.safetensors"))
-    assert all(stored[name].dtype == torch.int8 for name in meta["quantized"])
-    loaded = int8_export.load_int8(out)
-    ids = _ids()
-    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=2e-4)
+    from autoglm_train.quant.int8_layout import load_int8, read_record, write_int8
+    from autoglm_train.quant.ptq import PTQSpec, quantize_model
+
+    model = _micro(tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path / "student")
+    write_int8(tmp_path / "student", tmp_path / "student_int8", scheme=scheme, head=head)
+    assert read_record(tmp_path / "student_int8")["scheme"] == scheme
+    with safe_open(str(tmp_path / "student_int8" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.down_proj._weight_qdata").dtype == torch.int8
+    assert ("model.embed_tokens._weight_qdata" in names) == head  # the vocabulary int8 too, or left float
+    assert any(name.startswith("lm_head.") for name in names) == (not tied)  # a tied head is stored once
+    in_memory = copy.deepcopy(model)
+    quantize_model(in_memory, PTQSpec(scheme=scheme, head=head))
+    loaded = load_int8(tmp_path / "student_int8", kernel="torchao")
+    dynamic = [
+        getattr(m.weight, "act_quant_kwargs", None) is not None
+        for m in loaded.model.layers.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    assert all(dynamic) == (scheme == "int8_dynamic") and any(dynamic) == (scheme == "int8_dynamic")
+    for t in (3, 12):
+        ids = _ids(t)
+        assert torch.equal(_logits(loaded, ids), _logits(in_memory, ids))
 
 
 def test_errors_are_clear():

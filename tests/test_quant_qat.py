@@ -122,7 +122,7 @@ def test_fake_quant_can_be_switched_off():
 
 def test_vocab_head_is_fake_quantized_once_per_forward_under_chunked_kd():
     """The chunked KD loss calls the head per chunk (and again in backward); the [V, H] fake-quant runs once."""
-    from autoglm_train.distill.losses import KDLoss
+    from autoglm_train.distill.kd_loss import KDLoss
     from autoglm_train.quant.qat import QATSpec, prepare_qat
     from autoglm_train.tasks.distill_task import split_lm
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +15,7 @@ pytest.importorskip("torchao")
 def test_qat_distill_saves_a_float_student_plus_its_int8_form_and_resumes(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from autoglm_train.quant.int8_layout import read_record, source_record
     from recipes.distill import run
 
     corpus = _corpus(tmp_path)
@@ -30,8 +29,11 @@ def test_qat_distill_saves_a_float_student_plus_its_int8_form_and_resumes(tmp_pa
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert all(type(m).__name__ != "FakeQuantizedLinear" for m in student.modules())
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "student" / "model.safetensors")).values())
-    meta = json.loads((out / "student_int8" / "int8.json").read_text())
-    assert meta["quant_scheme"] == "int8_dynamic" and meta["quantized"]
+    # student_int8/ is the standard TorchAoConfig form, with the QAT scheme, written from the saved student
+    record = read_record(out / "student_int8")
+    assert record["scheme"] == "int8_dynamic" and record["source"] == source_record(out / "student")
+    int8 = AutoModelForCausalLM.from_pretrained(out / "student_int8")
+    assert int8.model.layers[0].mlp.down_proj.weight.act_quant_kwargs is not None  # dynamic activations on load
     # checkpoints taken under fake-quant are plain tensors, and the run resumes from them
     ckpts = sorted((out / "checkpoints").glob("step=*.ckpt"))
     assert ckpts and load_file(str(ckpts[-1] / "tensors.safetensors"))

@@ -414,7 +414,7 @@ def test_activation_checkpointing_reaches_a_student_built_in_configure_model():
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from autoglm_train.distill.losses import KDLoss
+    from autoglm_train.distill.kd_loss import KDLoss
     from autoglm_train.model.decoder import build_decoder
     from autoglm_train.tasks.distill_task import DistillTask
     from autoglm_train.tasks.recompute import ActivationCheckpointing

@@ -139,10 +139,10 @@ def test_bfloat16_int8_server_on_cpu(int8_bundle, reference):
 @pytest.mark.parametrize("with_form", [True, False], ids=["int8-form", "in-memory"])
 def test_an_untied_decoder_keeps_two_int8_vocab_matrices(tmp_path, student_tok, with_form):
     """GLM-4-9B-shaped decoders do not tie the head: both matrices are int8, the embedding still has a weight."""
-    from autoglm_train.export.int8 import write_int8
     from autoglm_train.export.parity import TOLERANCES, TorchRunner, compare, reference_answers
     from autoglm_train.model.decoder import build_decoder
     from autoglm_train.model.hf_io import save_hf_decoder
+    from autoglm_train.quant.int8_layout import write_int8
     from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
     from autoglm_train.serve.quantize import load_serving_decoder
     from tests.conftest import micro_spec

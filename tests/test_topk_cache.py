@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from autoglm_train.distill.losses import KDLoss
+from autoglm_train.distill.kd_loss import KDLoss
 from autoglm_train.distill.topk_cache import (
     TopKCacheSpec,
     build_topk_cache,

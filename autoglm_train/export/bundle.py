@@ -4,7 +4,8 @@ Layout (every form optional except ``decoder/``)::
 
     <out>/manifest.json            modules, forms (dtype/quantization), sha256 of every file, versions, parity
     <out>/decoder/                 plain HF GlmForCausalLM dir + tokenizer + thinking chat template
-    <out>/int8/                    int8 weight-only HF dir (torchao quantization_config; transformers loads it alone)
+    <out>/int8/                    int8 weight-only HF dir (torchao quantization_config; transformers loads it alone);
+                                   the run's student_int8/ as PTQ measured it, when written from this decoder
     <out>/gguf/model-f16.gguf      llama.cpp, f16
     <out>/gguf/model-q8_0.gguf     llama.cpp, q8_0
     <out>/onnx/model.onnx(.data)   onnxruntime, fp32 logits graph
@@ -104,8 +105,9 @@ def export_bundle(opts: ExportOptions):
     from transformers import AutoTokenizer
 
     from autoglm_train.export.chat_template import bundle_chat_template, supports_thinking
-    from autoglm_train.export.hf_dir import check_glm, read_config, write_hf_decoder
+    from autoglm_train.export.hf_dir import check_glm, write_hf_decoder
     from autoglm_train.export.progress import Steps
+    from autoglm_train.model.hf_io import read_config
 
     src, out = Path(opts.decoder).resolve(), Path(opts.out).resolve()
     _check_target(out, opts.overwrite)
@@ -124,10 +126,10 @@ def export_bundle(opts: ExportOptions):
         with steps.step(f"decoder/ ({opts.dtype}, transformers)"):
             forms["hf"] = write_hf_decoder(src, tmp / "decoder", opts.dtype, template)
         if opts.int8:
-            with steps.step("int8/ (weight-only int8 safetensors)"):
-                from autoglm_train.export.int8 import write_int8
+            with steps.step("int8/ (weight-only int8 safetensors; the run's measured student_int8/ if it fits)"):
+                from autoglm_train.export.int8 import export_int8
 
-                forms["int8"] = write_int8(src, tmp / "int8", tokenizer_dir=tmp / "decoder")
+                forms["int8"] = export_int8(src, tmp / "int8", tokenizer_dir=tmp / "decoder")
         for qtype in opts.gguf:
             with steps.step(f"gguf/model-{qtype}.gguf (llama.cpp)"):
                 forms[f"gguf_{qtype}"] = _write_gguf(src, tmp, qtype, name, opts, steps)
@@ -207,7 +209,7 @@ def _normalise_permissions(root: Path) -> None:
 
 def _write_gguf(src: Path, tmp: Path, qtype: str, name: str, opts: ExportOptions, steps) -> dict[str, Any]:
     from autoglm_train.export.gguf_writer import write_gguf
-    from autoglm_train.export.hf_dir import tensor_shapes
+    from autoglm_train.model.hf_io import tensor_shapes
 
     (tmp / "gguf").mkdir(exist_ok=True)
     advance = steps.bar("tensors", total=len(tensor_shapes(src)))

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from autoglm_train.export.hf_dir import head_dim, iter_tensors, read_config, rope, tensor_shapes
+from autoglm_train.export.hf_dir import head_dim, rope
+from autoglm_train.model.hf_io import iter_tensors, read_config, tensor_shapes
 
 ARCH = "chatglm"
 QTYPES = ("f16", "q8_0")

@@ -1,30 +1,22 @@
 """The ``decoder/`` form: a plain Hugging Face GLM directory in fp32, fp16 or bf16.
 
 Loads in ``transformers.AutoModelForCausalLM`` with no project code, and is laid out the way
-vLLM's ``GlmForCausalLM`` expects. The reading helpers here (config, tensors) are shared by the
-other forms, which all convert from the fp32 source so that no form rounds twice.
+vLLM's ``GlmForCausalLM`` expects. The other forms all convert from the fp32 source (read with
+:mod:`autoglm_train.model.hf_io`) so that no form rounds twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from autoglm_train.model.hf_io import read_config
+
 ARCHITECTURE = "GlmForCausalLM"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected a Hugging Face decoder directory (save_hf_decoder)")
-    return json.loads(path.read_text())
 
 
 def check_glm(config: dict[str, Any], where: str | Path) -> None:
@@ -60,36 +52,6 @@ def vllm_problems(config: dict[str, Any]) -> list[str]:
     if (config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         problems.append("rope scaling is not 'default'")
     return problems
-
-
-def weight_files(model_dir: str | Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (pickled .bin checkpoints are not read)")
-    return files
-
-
-def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every weight, one at a time from memory-mapped safetensors."""
-    from safetensors import safe_open
-
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
-
-
-def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{name: (shape, safetensors dtype)}`` without reading any tensor data."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
-                sl = f.get_slice(name)
-                shapes[name] = (tuple(sl.get_shape()), sl.get_dtype())
-    return shapes
 
 
 def load_reference(model_dir: str | Path, dtype: torch.dtype = torch.float32):

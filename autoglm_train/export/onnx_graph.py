@@ -33,7 +33,8 @@ class LogitsOnly(nn.Module):
 
 def write_onnx(src: Path, out: Path, max_seq: int | None = None) -> dict[str, Any]:
     """Export the fp32 decoder in ``src`` with ``torch.onnx.export(dynamo=True)``; returns the manifest entry."""
-    from autoglm_train.export.hf_dir import load_reference, read_config
+    from autoglm_train.export.hf_dir import load_reference
+    from autoglm_train.model.hf_io import read_config
 
     try:
         import onnxscript  # noqa: F401 - torch's dynamo exporter needs it

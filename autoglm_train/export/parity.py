@@ -1,7 +1,9 @@
 """Parity of every exported form with the training model, through each form's real consumer.
 
 For a fixed set of prompts the reference (the fp32 decoder training wrote) and a form are
-compared on (a) logits at every prompt position, teacher-forced, and (b) greedy continuations.
+compared on (a) logits at every prompt position, teacher-forced (max difference; top-1 agreement and KL
+through :func:`~autoglm_train.model.next_token_metrics.next_token_sums`, the metric validation and the
+int8 comparison use), and (b) greedy continuations.
 Each runtime is driven the way a user drives it: transformers models with their KV cache,
 llama-cpp-python token by token, onnxruntime re-running the whole sequence.
 """
@@ -17,6 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from autoglm_train.model.next_token_metrics import next_token_sums
 
 PROMPTS: tuple[str, ...] = (
     "The quick brown fox",
@@ -202,6 +206,8 @@ class FormReport:
     """Raw share of prompt positions whose argmax agrees (ties included)."""
     decisive_top1_agreement: float = float("nan")
     """The same over positions where the reference's top-2 margin exceeds the form's noise band (required 100%)."""
+    kl_to_reference: float = float("nan")
+    """Mean KL(p_ref ‖ p_form) in nats per prompt position (informative; no bound)."""
     greedy_agreement: float = float("nan")
     """Raw share of greedy tokens equal to the reference's, position by position."""
     greedy_identical: bool = False
@@ -236,7 +242,7 @@ def compare(form: str, consumer: str, runner: Runner, ref: Reference, tol: Toler
     """Run ``runner`` on the reference prompts and judge it against ``tol`` (see :class:`Tolerance`)."""
     report = FormReport(form, consumer, tol.describe())
     band = tol.band(ref.scale)
-    max_abs, agree, total, dec_agree, dec_total, g_agree, g_total = 0.0, 0, 0, 0, 0, 0, 0
+    max_abs, kl, agree, total, dec_agree, dec_total, g_agree, g_total = 0.0, 0.0, 0, 0, 0, 0, 0, 0
     greedy_ok = True
     for ids, ref_logits, ref_greedy, ref_margins in zip(
         ref.ids, ref.logits, ref.greedy, ref.greedy_margins, strict=True
@@ -246,10 +252,11 @@ def compare(form: str, consumer: str, runner: Runner, ref: Reference, tol: Toler
             report.notes.append(f"logits shape {logits.shape} != reference {ref_logits.shape}")
             return report
         max_abs = max(max_abs, float(np.abs(logits - ref_logits).max()))
-        same = logits.argmax(-1) == ref_logits.argmax(-1)
+        sums = next_token_sums(torch.from_numpy(logits), reference=torch.from_numpy(ref_logits))
+        kl, agree, total = kl + float(sums["kl"]), agree + int(sums["agree"]), total + len(ids)
         decisive = _margins(ref_logits) > band
-        agree, total = agree + int(same.sum()), total + len(ids)
-        dec_agree, dec_total = dec_agree + int(same[decisive].sum()), dec_total + int(decisive.sum())
+        sure = next_token_sums(torch.from_numpy(logits[decisive]), reference=torch.from_numpy(ref_logits[decisive]))
+        dec_agree, dec_total = dec_agree + int(sure["agree"]), dec_total + int(decisive.sum())
         tokens = runner.greedy(ids, len(ref_greedy))
         g_agree += sum(a == b for a, b in zip(tokens, ref_greedy, strict=True))
         g_total += len(ref_greedy)
@@ -266,6 +273,7 @@ def compare(form: str, consumer: str, runner: Runner, ref: Reference, tol: Toler
     report.max_abs_logit_diff = max_abs
     report.max_rel_logit_diff = max_abs / max(ref.scale, 1e-12)
     report.top1_agreement = agree / total
+    report.kl_to_reference = kl / total
     report.decisive_top1_agreement = dec_agree / dec_total if dec_total else 1.0
     report.greedy_agreement = g_agree / g_total
     report.greedy_identical = g_agree == g_total

@@ -160,15 +160,10 @@ def _check_form(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True)
         return compare(name, f"transformers ({entry['dtype']})", TorchRunner(model), ref, table[f"hf:{entry['dtype']}"])
     if name == "int8":
-        from transformers import AutoModelForCausalLM
+        from autoglm_train.quant.int8_layout import load_int8
 
-        from autoglm_train.export.int8 import is_standard_int8, load_int8
-
-        if is_standard_int8(path):
-            # As a user loads it: transformers alone reads the torchao quantization_config; weights stay int8.
-            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
-            return compare(name, "transformers (TorchAoConfig int8)", TorchRunner(model), ref, table[name])
-        return compare(name, "autoglm_train.export.int8.load_int8", TorchRunner(load_int8(path)), ref, table[name])
+        # As a user loads it: transformers alone reads the torchao quantization_config; weights stay int8.
+        return compare(name, "transformers (TorchAoConfig int8)", TorchRunner(load_int8(path)), ref, table[name])
     if name == "onnx":
         return compare(name, "onnxruntime (CPU)", OnnxRunner(path), ref, table[name])
     if name.startswith("gguf_"):

@@ -1,13 +1,24 @@
-"""Save a decoder as a plain Hugging Face directory (safetensors), atomically."""
+"""A decoder as a plain Hugging Face directory (safetensors): saved atomically, read one tensor at a time.
+
+The readers serve everything converted from a run's fp32 decoder (the export's forms, the int8 form of
+:mod:`autoglm_train.quant.int8_layout`), each straight from the source so that nothing rounds twice.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
+
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+"""The files of a decoder directory besides its weights."""
 
 
 def save_hf_decoder(model: nn.Module, tokenizer, directory: str | Path) -> Path:
@@ -24,3 +35,40 @@ def save_hf_decoder(model: nn.Module, tokenizer, directory: str | Path) -> Path:
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected a Hugging Face decoder directory (save_hf_decoder)")
+    return json.loads(path.read_text())
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+    return files
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every weight, one at a time from memory-mapped safetensors."""
+    from safetensors import safe_open
+
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` without reading any tensor data."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                sl = f.get_slice(name)
+                shapes[name] = (tuple(sl.get_shape()), sl.get_dtype())
+    return shapes

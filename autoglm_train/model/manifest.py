@@ -96,20 +96,27 @@ def pin_decoder(directory: str | Path, placeholder_ids: dict[str, int], hash_wei
         raise FileNotFoundError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     for name in found:
         tokenizer.update(name.encode() + b"\0" + _canonical_bytes(directory / name) + b"\0")
-    weights = None
-    if hash_weights:
-        files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-        weights = digest.hexdigest() if files else None
     return DecoderPin(
-        config_sha256=hashlib.sha256(_canonical_bytes(config)).hexdigest(),
+        config_sha256=config_sha256(directory),
         tokenizer_sha256=tokenizer.hexdigest(),
         placeholder_ids=dict(sorted(placeholder_ids.items())),
-        weights_sha256=weights,
+        weights_sha256=weights_sha256(directory) if hash_weights else None,
         path=str(directory),
     )
+
+
+def config_sha256(directory: str | Path) -> str:
+    """sha256 of a decoder's ``config.json``, keys sorted and volatile keys (versions, dtype, paths) dropped."""
+    return hashlib.sha256(_canonical_bytes(Path(directory) / "config.json")).hexdigest()
+
+
+def weights_sha256(directory: str | Path) -> str | None:
+    """Digest of a decoder's weight files (name + sha256 of each); None when it has none."""
+    files = sorted(Path(directory).glob("*.safetensors")) or sorted(Path(directory).glob("*.bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest() if files else None
 
 
 def check_pin(trained_for: DecoderPin, current: DecoderPin, where: str, check_weights: bool = True) -> None:

@@ -4,14 +4,13 @@
 
 Perplexity, KL(teacher ‖ model) and top-1 agreement with the teacher (``quant.compare``), weight
 bytes (``quant.size``) and decode tokens/s + prefill latency (``eval.speed``): the functions
-``benchmarks/quant_bench.py`` uses, so the numbers mean the same. The int8 model is the run's own
-PTQ spec applied to its student, i.e. what ``student_int8/`` holds.
+``benchmarks/quant_bench.py`` uses, so the numbers mean the same. The int8 model is the run's
+``student_int8/`` loaded from disk (with the kernel of the run's PTQ spec): the file the export ships.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,8 @@ def compare(run: Path, blocks: int, new_tokens: int, repeats: int) -> dict[str, 
     from autoglm_train.eval.speed import speeds
     from autoglm_train.model.decoder import count_parameters
     from autoglm_train.quant.compare import compare_to_reference
-    from autoglm_train.quant.ptq import PTQSpec, quantize_model
+    from autoglm_train.quant.int8_layout import PTQ_DIR, load_int8
+    from autoglm_train.quant.ptq import PTQSpec
     from autoglm_train.quant.size import weight_bytes
 
     cfg = run_config(run)
@@ -40,8 +40,7 @@ def compare(run: Path, blocks: int, new_tokens: int, repeats: int) -> dict[str, 
     tokenizer = AutoTokenizer.from_pretrained(run / "student")
     ptq = (cfg.get("quant") or {}).get("ptq")
     ptq_spec = instantiate(ptq) if ptq else PTQSpec()
-    int8 = copy.deepcopy(student)
-    quantize_model(int8, ptq_spec)
+    int8 = load_int8(run / PTQ_DIR, kernel=ptq_spec.kernel)  # the file the run measured and the export ships
     models = {"teacher": teacher, "student": student, "student_int8": int8}
 
     batches = val_batches(run, tokenizer, blocks)

@@ -55,7 +55,7 @@ def build_stages(opts: Options) -> list[Stage]:
             "distill",
             f"distill the teacher into the student, then its int8 form ({'QAT' if opts.qat else 'PTQ'})",
             train("recipe=distill", quant, f"paths.output_dir={distill}", *p.distill, *extra["distill"]),
-            [distill / "run_summary.json", student / "config.json", distill / "student_int8" / "int8.json"],
+            [distill / "run_summary.json", student / "config.json", distill / "student_int8" / "model.safetensors"],
         ),
         Stage(
             "compare",

@@ -126,7 +126,8 @@ def distill_section(doc: Document, root: Path, figures: Path) -> None:
                 rows,
                 "compare",
                 f"Held-out: {held['tokens']:,} tokens ({held['blocks']} blocks of {held['seq_len']}) of the distill "
-                f"run's validation split; int8 = `{compared['int8_scheme']}` PTQ of the student (torchao). KL and "
+                f"run's validation split; int8 = the run's `student_int8/` (`{compared['int8_scheme']}` PTQ of the "
+                "student, the TorchAoConfig form the bundle ships), loaded from disk. KL and "
                 "agreement over the teacher's vocabulary. Speed: greedy decode of "
                 f"{speed['new_tokens']} tokens after a {speed['prompt_tokens']}-token prompt, batch 1, best of "
                 f"{speed['repeats']}, {speed['threads']} threads. Source: `eval/compare.json`.",

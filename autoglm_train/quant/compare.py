@@ -1,18 +1,19 @@
 """Score models against a reference on the same held-out text: perplexity, KL to it, top-1 agreement.
 
 Used for int8 students (reference = the fp32 student) and int8 teachers (reference = the fp32
-teacher). One sequence at a time, so at most a [T, V] block of logits per model exists.
+teacher). One sequence at a time, so at most a [T, V] block of logits per model exists. The metric is
+:func:`~autoglm_train.model.next_token_metrics.next_token_sums`, the one validation and export parity use.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from autoglm_train.model.next_token_metrics import next_token_sums, perplexity
 
 
 @dataclass
@@ -61,25 +62,18 @@ def compare_to_reference(
                 continue
             ids, y = ids.unsqueeze(0), labels[keep]
             ref = _logits(reference, ids)[keep]
-            ref_v = ref[:, :vocab_size] if vocab_size else ref
-            ref_logp = F.log_softmax(ref_v, -1)
-            ref_top1 = ref_v.argmax(-1)
             tokens += int(keep.sum())
             for name in names:
                 logits = ref if name == "reference" else _logits(models[name], ids)[keep]
-                sums[name]["nll"] += float(F.cross_entropy(logits, y, reduction="sum"))
-                if name == "reference":
-                    sums[name]["agree"] += int(keep.sum())
-                    continue
-                v = logits[:, :vocab_size] if vocab_size else logits
-                logp = F.log_softmax(v, -1)
-                sums[name]["kl"] += float((ref_logp.exp() * (ref_logp - logp)).sum())
-                sums[name]["agree"] += int((v.argmax(-1) == ref_top1).sum())
+                seq = next_token_sums(logits, y, ref, vocab_size)  # the reference against itself: KL 0, all agree
+                sums[name]["nll"] += float(seq["nll"])
+                sums[name]["kl"] += float(seq["kl"])
+                sums[name]["agree"] += int(seq["agree"])
     if tokens == 0:
         raise ValueError("compare_to_reference: no scored tokens in the batches")
     return {
         n: Score(
-            ppl=math.exp(min(s["nll"] / tokens, 50.0)),
+            ppl=perplexity(s["nll"], tokens),
             kl_to_ref=s["kl"] / tokens,
             top1_agreement=s["agree"] / tokens,
             tokens=tokens,

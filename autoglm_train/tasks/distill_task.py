@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from autoglm_train.distill.losses import KDLoss, teacher_agreement_and_kl
+from autoglm_train.distill.kd_loss import KDLoss
 from autoglm_train.distill.on_policy import is_on_policy, on_policy_batch, sample_continuations, sampling_generator
+from autoglm_train.distill.teacher_agreement import teacher_agreement_and_kl
+from autoglm_train.model.next_token_metrics import perplexity
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
 from autoglm_train.tasks.student_build import StudentFactory, build_student
 from autoglm_train.tasks.throughput import distill_step_flops
@@ -219,8 +220,7 @@ class DistillTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         tokens = max(self._val["tokens"], 1.0)
-        nll = self._val["nll"] / tokens
-        metrics = {"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0))}
+        metrics = {"val/loss": self._val["nll"] / tokens, "val/ppl": perplexity(self._val["nll"], tokens)}
         if self.teacher is not None:
             metrics["val/teacher_top1_agreement"] = self._val["agree"] / tokens
             metrics["val/kl_to_teacher"] = self._val["kl"] / tokens
