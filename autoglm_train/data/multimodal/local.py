@@ -145,7 +145,7 @@ class LocalPairs:
         from autoglm_train.data.multimodal.espeak import resample_all
 
         for rate, indices in by_rate.items():
-            waves = resample_all([pairs[i].media for i in indices], rate, self.sampling_rate, chunk=16)
+            waves = resample_all([pairs[i].media for i in indices], rate, self.sampling_rate)
             for i, resampled in zip(indices, waves, strict=True):
                 pairs[i].media = resampled
             report.note(f"resampled {rate} -> {self.sampling_rate} Hz", len(indices))
