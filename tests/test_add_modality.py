@@ -237,14 +237,12 @@ def test_missing_decoder_says_how_to_make_one(tmp_path):
 
 @pytest.mark.slow
 def test_int8_decoder_run(decoder_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
     summary = add_modality.run(_cfg(tmp_path, decoder_dir, "recipe.decoder_int8=true", "trainer.max_steps=2"))
     assert summary["decoder_int8"] and summary["decoder_verified_unchanged"] and summary["global_step"] == 2
 
 
 @pytest.mark.slow
 def test_speech_run_on_synthesized_digits(decoder_dir, tmp_path):
-    pytest.importorskip("espeakng_loader")
     tiny_speech = ["plugin=speech", "plugin.num_tokens=4", "plugin.num_mel_bins=32", "plugin.encoder_hidden_size=32",
                    "plugin.encoder_layers=1", "plugin.encoder_heads=2", "plugin.encoder_intermediate_size=64",
                    "plugin.subsampling_conv_channels=16"]  # fmt: skip

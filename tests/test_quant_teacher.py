@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
-
 
 @pytest.fixture
 def teacher_dir(tmp_path, micro_decoder, student_tok):

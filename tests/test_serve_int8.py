@@ -13,8 +13,6 @@ import torch
 from autoglm_train.serve.bundle import read_bundle
 from tests.serve_support import one_thread
 
-pytest.importorskip("torchao")
-
 
 @pytest.fixture(scope="module")
 def int8_bundle(bundles, tmp_path_factory):

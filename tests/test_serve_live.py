@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
 
 from autoglm_train.serve.app import create_app
@@ -26,8 +27,6 @@ from tests.serve_support import (
     png_data_url,
     wav_base64,
 )
-
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,7 +116,8 @@ def test_openai_client_errors(server):
 
 
 def test_langchain_chat_openai_streaming_with_thinking(server):
-    langchain_openai = pytest.importorskip("langchain_openai")
+    import langchain_openai
+
     llm = langchain_openai.ChatOpenAI(
         model=MODEL,
         base_url=f"{server[0]}/v1",
