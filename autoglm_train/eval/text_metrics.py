@@ -3,7 +3,8 @@
 ``jiwer`` computes WER and CER: corpus-level (total edits / total reference units), as the ASR
 literature reports them, so long references weigh more than short ones. What stays here is the
 project's normalisation (:func:`normalize`), applied to both sides before jiwer sees them, and
-the refusal of a corpus with no reference words (jiwer would divide by zero).
+the refusal of a corpus with no reference words: a rate over zero reference units is undefined,
+where jiwer 4 returns the raw edit count.
 """
 
 from __future__ import annotations
