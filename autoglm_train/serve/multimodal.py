@@ -12,6 +12,7 @@ Which part type feeds which plugin comes from what each plugin declares (its ``m
 Each part becomes ``num_tokens`` copies of its plugin's placeholder token at its place in the text
 (joined as :func:`~autoglm_train.model.prompt_format.join_content` joins a training example).
 Every failure is an :class:`APIError` 400 naming the part (``messages[i].content[j]``).
+Pillow decodes images and ``soundfile`` (libsndfile) decodes WAV audio; the checks and messages are ours.
 """
 
 from __future__ import annotations
