@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import micro_spec
 
@@ -157,3 +158,13 @@ def wav_base64(seconds: float = 0.3, rate: int = 16000, seed: int = 0) -> str:
         wav.setframerate(rate)
         wav.writeframes(samples.tobytes())
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- metrics ----------------------------------------------------------------------------
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of sample ``name{labels}`` in a Prometheus text exposition (label order free), or None."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.digits import HandwrittenDigits
 from autoglm_train.data.multimodal.spec import PairDataSpec
 from autoglm_train.eval.generation import bare_decoder_tokens, text_only_tokens
+from autoglm_train.eval.text_metrics import cer, digit_accuracy, exact_match, wer
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids
 from autoglm_train.model.freeze import freeze
 from autoglm_train.model.manifest import ARTIFACT_FILES, load_plugin_artifact, pin_decoder, save_plugin_artifact
@@ -51,6 +53,17 @@ def _cfg(root: Path, decoder: Path, *overrides: str, plugin: list[str] = TINY_VI
         )
 
 
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "heldout_outputs.jsonl").read_text().splitlines()]
+
+
+def _heldout(out: Path, summary: dict) -> tuple[list[str], list[str]]:
+    """(references, greedy outputs) of the held-out items as the run wrote them, in the reported content order."""
+    rows = _rows(out)
+    assert len(rows) == summary["test/items"]
+    return [r["answer"] for r in rows], [r[f"output_{summary['heldout_order']}"] for r in rows]
+
+
 def _hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
@@ -75,8 +88,12 @@ def test_run_saves_a_pinned_artifact_and_reports_heldout_metrics(vision_run):
     assert artifact == out / "plugins" / "vision" and out == vision_run["root"] / "outputs" / "add_modality" / "vision"
     assert sorted(p.name for p in artifact.iterdir()) == sorted(ARTIFACT_FILES)
     saved = json.loads((out / "run_summary.json").read_text())
-    for key in ("test/digit_accuracy", "test/wer", "test/cer", "test/accuracy", "test/gate_vision", "val/loss"):
-        assert isinstance(saved[key], float), key
+    answers, outputs = _heldout(out, saved)
+    assert saved["test/digit_accuracy"] == digit_accuracy([r["label"] for r in _rows(out)], outputs)
+    assert saved["test/wer"] == wer(answers, outputs) and saved["test/cer"] == cer(answers, outputs)
+    assert saved["test/accuracy"] == exact_match(answers, outputs)
+    assert 0 < abs(saved["test/gate_vision"]) < 1  # the zero-initialised tanh gate has moved, and stays bounded
+    assert math.isfinite(saved["val/loss"]) and saved["val/loss"] > 0
     assert saved["test/items"] == 8 and saved["global_step"] == 3 and saved["stage"] == "full"
     assert saved["eval_max_new_tokens"] == 1  # digit words are one token: the budget is the longest answer
     assert saved["decoder_verified_unchanged"] and saved["text_only_unchanged"]
@@ -220,18 +237,18 @@ def test_missing_decoder_says_how_to_make_one(tmp_path):
 
 @pytest.mark.slow
 def test_int8_decoder_run(decoder_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
     summary = add_modality.run(_cfg(tmp_path, decoder_dir, "recipe.decoder_int8=true", "trainer.max_steps=2"))
     assert summary["decoder_int8"] and summary["decoder_verified_unchanged"] and summary["global_step"] == 2
 
 
 @pytest.mark.slow
 def test_speech_run_on_synthesized_digits(decoder_dir, tmp_path):
-    pytest.importorskip("espeakng_loader")
     tiny_speech = ["plugin=speech", "plugin.num_tokens=4", "plugin.num_mel_bins=32", "plugin.encoder_hidden_size=32",
                    "plugin.encoder_layers=1", "plugin.encoder_heads=2", "plugin.encoder_intermediate_size=64",
                    "plugin.subsampling_conv_channels=16"]  # fmt: skip
     espeak = ["data_mm=espeak", "data_mm.source.num_utterances=60"]
     summary = add_modality.run(_cfg(tmp_path, decoder_dir, "trainer.max_steps=2", plugin=tiny_speech, data=espeak))
-    assert summary["plugin"] == "speech" and summary["test/cer"] >= 0 and "test/digit_accuracy" not in summary
+    assert summary["plugin"] == "speech" and "test/digit_accuracy" not in summary
+    answers, outputs = _heldout(Path(summary["artifact"]).parents[1], summary)
+    assert summary["test/cer"] == cer(answers, outputs) and summary["test/wer"] == wer(answers, outputs)
     assert summary["data_report"]["notes"] == {"resampled 22050 -> 16000 Hz": 60}

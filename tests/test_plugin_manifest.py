@@ -88,8 +88,13 @@ def test_another_decoder_is_refused_naming_what_differs(decoders, student_tok, t
 
 
 def test_retrained_decoder_loads_when_weights_check_is_off(decoders, student_tok, tmp_path):
-    artifact = save_plugin_artifact(_trained_sensor(), tmp_path / "sensor", _pin(decoders["a"], student_tok))
-    load_plugin_artifact(artifact, _pin(decoders["retrained"], student_tok), check_weights=False)
+    trained = _trained_sensor()
+    artifact = save_plugin_artifact(trained, tmp_path / "sensor", _pin(decoders["a"], student_tok))
+    loaded = load_plugin_artifact(artifact, _pin(decoders["retrained"], student_tok), check_weights=False)
+    assert loaded.name == "sensor" and loaded.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in loaded.state_dict().items())  # the trained weights
+    with pytest.raises(PluginMismatchError, match=r"config\.json"):  # only the weights check is off
+        load_plugin_artifact(artifact, _pin(decoders["deeper"], student_tok), check_weights=False)
 
 
 def test_tokenizer_or_placeholder_change_is_refused(decoders, student_tok, tmp_path):

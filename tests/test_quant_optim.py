@@ -7,8 +7,6 @@ import torch
 
 from tests.conftest import REPO, micro_spec
 
-pytest.importorskip("bitsandbytes")
-
 
 def _optimizer_partial(tmp_path):
     from hydra import compose, initialize_config_dir

@@ -8,8 +8,6 @@ from torch import nn
 
 from tests.conftest import micro_spec
 
-pytest.importorskip("torchao")
-
 VOCAB = 8192  # a vocab-dominated micro model, like the tiny student
 
 

@@ -10,8 +10,6 @@ from torch import nn
 
 from tests.conftest import micro_spec
 
-pytest.importorskip("torchao")
-
 
 def _micro(vocab: int = 512, **overrides):
     from autoglm_train.model.decoder import build_decoder

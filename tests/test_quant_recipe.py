@@ -8,8 +8,6 @@ from safetensors.torch import load_file
 
 from tests.test_distill_recipe import _compose, _corpus, _overrides
 
-pytest.importorskip("torchao")
-
 
 @pytest.mark.slow
 def test_qat_distill_saves_a_float_student_plus_its_int8_form_and_resumes(tmp_path):

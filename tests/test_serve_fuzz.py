@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import schemathesis  # the dev extra; it brings hypothesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 
 from autoglm_train.serve.app import create_app
 from autoglm_train.serve.bundle import read_bundle
@@ -19,11 +23,6 @@ from autoglm_train.serve.config import ServerConfig
 from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tests.serve_support import KEY, MODEL, QUESTION, one_thread
-
-schemathesis = pytest.importorskip("schemathesis")  # the dev extra; it brings hypothesis
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

@@ -13,7 +13,6 @@ import torch
 from autoglm_train.serve.bundle import read_bundle
 from tests.serve_support import one_thread
 
-pytest.importorskip("torchao")
 # every test here runs the int8pack kernel: a kernel crash fails that test by name, not the whole run (issue 25)
 pytestmark = pytest.mark.isolated
 

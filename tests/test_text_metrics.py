@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from autoglm_train.eval.text_metrics import cer, digit_accuracy, edit_distance, exact_match, first_digit, normalize, wer
+from autoglm_train.eval.text_metrics import cer, digit_accuracy, exact_match, first_digit, normalize, wer
 
 
-def test_edit_distance_counts_substitutions_insertions_deletions():
-    assert edit_distance("kitten", "sitting") == 3
-    assert edit_distance([], ["a", "b"]) == 2
-    assert edit_distance(["a", "b", "c"], ["a", "c"]) == 1
+def test_error_rates_count_substitutions_insertions_deletions():
+    assert cer(["kitten"], ["sitting"]) == pytest.approx(3 / 6)  # 2 substitutions + 1 insertion
+    assert wer(["a b"], [""]) == 1.0  # 2 deletions
+    assert wer(["a b c"], ["a c"]) == pytest.approx(1 / 3)  # 1 deletion
+    with pytest.raises(ValueError, match="empty references"):
+        wer(["", "!?"], ["a", "b"])  # nothing left to score once normalised
 
 
 def test_wer_is_corpus_level_and_normalised():

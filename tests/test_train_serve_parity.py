@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -33,8 +34,6 @@ from recipes import add_modality
 from tests.conftest import REPO
 from tests.mm_fixtures import DIGITS, TINY_VISION, save_micro_decoder
 from tests.serve_support import one_thread
-
-openai = pytest.importorskip("openai")
 
 KEY = "sk-parity"
 RUN = [

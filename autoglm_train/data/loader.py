@@ -17,6 +17,30 @@ How Lightning 2.6 uses it (``loops/fit_loop.py``, ``utilities/combined_loader.py
 Order: epoch ``e`` is a permutation seeded by ``seed + e``, cut into global batches of ``batch_size ·
 world_size`` blocks; rank ``r`` takes its slice of each. A pass that ends (all batches, or ``epoch_batches``
 when Lightning's ``limit_train_batches`` cuts it short) makes the next ``iter()`` start epoch ``e + 1``.
+
+Library and hand-written parts: torch's ``DataLoader`` runs the worker processes and pinning (over
+``_BatchTable``); the order and the position are kept here. torchdata's ``StatefulDataLoader`` (0.11) was tried
+in place of this class against the tests that guard it (``tests/test_data.py``) and does not give the same
+guarantees:
+
+* ``shuffle=True`` (its stateful ``RandomSampler`` on a seeded generator) restores the interrupted epoch but not the
+  ones after it: the next permutation comes from the running generator, and restoring that generator to the epoch's
+  start undoes the draw the loader made after the permutation (its workers' base seed), so the state after a resumed
+  epoch differs from the uninterrupted run's. Failing: ``test_loader_resumes_mid_epoch_exactly`` (its second assert,
+  the epoch after the resumed one) and ``test_loader_state_at_epoch_end_points_to_next_epoch``; under Lightning,
+  ``test_lightning_resume_continues_with_the_next_untrained_batch`` resumed from ``step=2.ckpt`` diverges at the first
+  batch of epoch 1 (step 5 with ``[1.0]``, step 4 with ``[3]``). Its order also depends on ``num_workers`` (the
+  multi-process iterator draws a permutation twice from the generator):
+  ``test_loader_with_workers_matches_in_process`` fails.
+* A seeded ``DistributedSampler`` (order a pure function of seed + epoch, with Lightning's ``set_epoch``) is
+  exact inside epoch 0 only. Lightning builds the resumed iterator (``FitLoop.setup_data``) before it sets the
+  sampler's epoch (``on_advance_start``), so a run resumed in epoch 1 replays epoch 0's order (from
+  ``step=5.ckpt`` it trains the batches of steps 2-4 again), and so does a checkpoint on a pass's last batch: the
+  Lightning test fails from ``step=4.ckpt`` and ``step=5.ckpt`` (``[1.0]``), ``step=3.ckpt`` and ``step=4.ckpt``
+  (``[3]``).
+* It stores batches yielded, not samples: resuming on another world size at the same per-rank batch size (2 ranks
+  x 4 for 3 steps, then 1 rank x 4) starts at sample 12 instead of 24. ``load_state_dict`` here keeps the sample
+  count (``samples_done``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Which part type feeds which plugin comes from what each plugin declares (its ``m
 Each part becomes ``num_tokens`` copies of its plugin's placeholder token at its place in the text
 (joined as :func:`~autoglm_train.model.prompt_format.join_content` joins a training example).
 Every failure is an :class:`APIError` 400 naming the part (``messages[i].content[j]``).
+Pillow decodes images and ``soundfile`` (libsndfile) decodes WAV audio; the checks and messages are ours.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import wave
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,7 +194,11 @@ def decode_image(url: str, where: str, max_pixels: int):
 
 
 def decode_audio(data: str, fmt: str, where: str) -> tuple[np.ndarray, int]:
-    """Base64 PCM WAV → ``(mono float32 waveform in [-1, 1], sampling rate)``."""
+    """Base64 WAV → ``(mono float32 waveform in [-1, 1], sampling rate)``, decoded by ``soundfile`` (libsndfile).
+
+    Any WAV that libsndfile reads is accepted (8/16/24/32-bit PCM, float); channels are averaged.
+    Other containers are refused even when libsndfile could read them: the part says ``format: wav``.
+    """
     if fmt.lower() != "wav":
         raise APIError(
             400,
@@ -203,25 +207,20 @@ def decode_audio(data: str, fmt: str, where: str) -> tuple[np.ndarray, int]:
             code="invalid_audio",
         )
     raw, _ = decode_base64(data, f"{where}.data", "audio")
+
+    def refuse(what: str) -> APIError:
+        return APIError(400, f"audio: {what}; send 16-bit PCM WAV", param=f"{where}.data", code="invalid_audio")
+
+    import soundfile
+
     try:
-        with wave.open(io.BytesIO(raw), "rb") as wav:
-            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            frames = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as err:
-        raise APIError(
-            400, f"audio: not a readable PCM WAV file ({err})", param=f"{where}.data", code="invalid_audio"
-        ) from err
-    if width not in (1, 2, 4) or not frames or rate < 1:
-        raise APIError(
-            400,
-            f"audio: {8 * width}-bit WAV with {len(frames)} bytes is not supported; send 16-bit PCM",
-            param=f"{where}.data",
-            code="invalid_audio",
-        )
-    if width == 1:  # 8-bit WAV is unsigned
-        samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
-    else:
-        dtype = np.int16 if width == 2 else np.int32
-        samples = np.frombuffer(frames, dtype).astype(np.float32) / float(np.iinfo(dtype).max + 1)
-    samples = samples[: len(samples) - len(samples) % channels].reshape(-1, channels).mean(axis=1)
-    return samples.astype(np.float32), rate
+        with soundfile.SoundFile(io.BytesIO(raw)) as wav:
+            if wav.format not in ("WAV", "WAVEX"):
+                raise refuse(f"the data is {wav.format}, not WAV")
+            samples = wav.read(dtype="float32", always_2d=True)
+            rate = wav.samplerate
+    except soundfile.LibsndfileError as err:
+        raise refuse(f"not a readable WAV file ({err.error_string})") from err
+    if samples.size == 0:
+        raise refuse("the WAV file has no samples")
+    return samples.mean(axis=1, dtype=np.float32), rate

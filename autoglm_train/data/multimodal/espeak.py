@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 import random
 from collections.abc import Sequence
 
@@ -157,21 +156,11 @@ class SpokenDigits:
         return pairs
 
 
-def resample_all(waves: list[np.ndarray], orig_sr: int, new_sr: int, chunk: int = 256) -> list[np.ndarray]:
-    """Resample many clips in zero-padded batches of one shape (exact: the filter pads with zeros anyway).
+def resample_all(waves: list[np.ndarray], orig_sr: int, new_sr: int) -> list[np.ndarray]:
+    """Resample each clip with the plugin's own :func:`~autoglm_train.model.plugins.speech.resample`.
 
-    One shape for every batch matters on CPU: each new conv shape costs a fresh kernel plan.
+    Training data goes through the function that ``SpeechPlugin.preprocess`` applies at serving time.
     """
     from autoglm_train.model.plugins.speech import resample
 
-    longest = max((w.size for w in waves), default=0)
-    out = []
-    for start in range(0, len(waves), chunk):
-        group = waves[start : start + chunk]
-        batch = torch.zeros(chunk, longest)
-        for row, wave in enumerate(group):
-            batch[row, : wave.size] = torch.from_numpy(wave)
-        resampled = resample(batch, orig_sr, new_sr)
-        for row, wave in enumerate(group):
-            out.append(resampled[row, : math.ceil(wave.size * new_sr / orig_sr)].numpy().copy())
-    return out
+    return [resample(torch.from_numpy(np.asarray(wave, np.float32)), orig_sr, new_sr).numpy() for wave in waves]

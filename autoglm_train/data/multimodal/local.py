@@ -4,14 +4,14 @@ A table is a .jsonl/.json/.csv/.parquet file, a directory of them, a ``save_to_d
 or a Hub dataset name. Media cells are file paths (relative to the table's directory), datasets
 ``Image``/``Audio`` cells, or bytes. Unreadable, corrupt or empty media and empty texts are skipped
 and counted; audio at another sampling rate is resampled and counted. Local .jsonl/.csv tables are
-read line by line (:mod:`.table_rows`), so a broken line is skipped and counted too.
+read line by line (:mod:`.table_rows`), so a broken line is skipped and counted too. Pillow decodes
+images and ``soundfile`` (libsndfile) decodes audio.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import wave
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ class LocalPairs:
         from autoglm_train.data.multimodal.espeak import resample_all
 
         for rate, indices in by_rate.items():
-            waves = resample_all([pairs[i].media for i in indices], rate, self.sampling_rate, chunk=16)
+            waves = resample_all([pairs[i].media for i in indices], rate, self.sampling_rate)
             for i, resampled in zip(indices, waves, strict=True):
                 pairs[i].media = resampled
             report.note(f"resampled {rate} -> {self.sampling_rate} Hz", len(indices))
@@ -181,7 +181,8 @@ def read_image(cell: Any, root: Path):
 def read_audio(cell: Any, root: Path) -> tuple[np.ndarray, int]:
     """``(mono float32 waveform, sampling rate)`` from a path, a datasets ``Audio`` cell or bytes.
 
-    WAV (PCM 8/16/24/32-bit) is read with the standard library; other formats need ``soundfile``.
+    Files and bytes are decoded by ``soundfile`` (libsndfile: WAV of any PCM width or float, FLAC, OGG, ...),
+    the reader the server uses for ``input_audio``.
     """
     if cell is None:
         raise MediaError("missing media", "no audio")
@@ -189,19 +190,25 @@ def read_audio(cell: Any, root: Path) -> tuple[np.ndarray, int]:
         waveform, rate = np.asarray(cell["array"], dtype=np.float32), int(cell["sampling_rate"])
     else:
         source = _source(cell, root, "audio")
+        if isinstance(source, Path) and not source.is_file():
+            raise MediaError("missing media file", f"no such file: {source}")
         try:
-            waveform, rate = _read_wav(source)
-        except FileNotFoundError as err:
-            raise MediaError("missing media file", str(err)) from err
-        except (wave.Error, EOFError, ValueError, OSError) as err:
-            waveform, rate = _read_with_soundfile(source, err)
+            import soundfile
+        except ImportError as err:
+            raise ImportError(
+                f"reading audio files needs soundfile: pip install 'autoglm-train[speech]' ({err})"
+            ) from err
+        try:
+            waveform, rate = soundfile.read(source, dtype="float32")
+        except soundfile.LibsndfileError as err:
+            raise MediaError("unreadable audio", err.error_string) from err
     if waveform.ndim == 2:
         waveform = waveform.mean(axis=1)
     if waveform.size == 0:
         raise MediaError("empty audio", "0 samples")
     if not np.isfinite(waveform).all():
         raise MediaError("corrupt or unreadable audio", "NaN or infinite samples")
-    return waveform.astype(np.float32), rate
+    return waveform.astype(np.float32), int(rate)
 
 
 def _source(cell: Any, root: Path, kind: str):
@@ -216,37 +223,3 @@ def _source(cell: Any, root: Path, kind: str):
         path = Path(cell).expanduser()
         return path if path.is_absolute() else root / path
     raise MediaError("missing media", f"no {kind} in cell {type(cell).__name__}")
-
-
-def _read_wav(source) -> tuple[np.ndarray, int]:
-    with wave.open(source if not isinstance(source, Path) else str(source), "rb") as f:
-        width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
-        raw = f.readframes(f.getnframes())
-    if width == 3:  # 24-bit: widen to int32 by hand
-        b = np.frombuffer(raw[: len(raw) // 3 * 3], np.uint8).reshape(-1, 3)
-        data = b[:, 0].astype(np.int32) | b[:, 1].astype(np.int32) << 8 | b[:, 2].astype(np.int8).astype(np.int32) << 16
-        scale = float(1 << 23)
-    elif width in (1, 2, 4):
-        dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-        data = np.frombuffer(raw[: len(raw) // width * width], dtype).astype(np.float64)
-        if width == 1:  # 8-bit WAV is unsigned
-            data -= 128
-        scale = float(1 << (8 * width - 1))
-    else:
-        raise wave.Error(f"unsupported sample width {width}")
-    waveform = (np.asarray(data, np.float64) / scale).astype(np.float32)
-    return waveform.reshape(-1, channels) if channels > 1 else waveform, rate
-
-
-def _read_with_soundfile(source, cause: Exception) -> tuple[np.ndarray, int]:
-    try:
-        import soundfile
-    except ImportError:
-        raise MediaError("unreadable audio", f"{cause} (non-PCM-WAV formats need `pip install soundfile`)") from None
-    if isinstance(source, io.BytesIO):
-        source.seek(0)
-    try:
-        data, rate = soundfile.read(source, dtype="float32", always_2d=False)
-    except Exception as err:  # soundfile raises its own LibsndfileError, plus RuntimeError on odd files
-        raise MediaError("corrupt or unreadable audio", str(err)) from err
-    return data, int(rate)

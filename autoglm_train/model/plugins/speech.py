@@ -1,4 +1,10 @@
-"""Speech plugin: log-mel features → a Conformer-Small-shaped encoder → ``num_tokens`` pooled frames."""
+"""Speech plugin: log-mel features → a Conformer-Small-shaped encoder → ``num_tokens`` pooled frames.
+
+Libraries do the signal work: ``scipy.signal.resample_poly`` resamples (:func:`resample`, used for
+training data and at serving time alike), transformers' ``ParakeetFeatureExtractor`` computes the
+log-mel features and ``ParakeetEncoder`` is the Conformer. Hand-written here: input checks with exact
+errors, and :func:`masked_adaptive_pool`, which torch has no masked form of.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from autoglm_train.model.plugin import MissingExtraError, ModalityPlugin
 
@@ -246,30 +251,21 @@ def masked_adaptive_pool(frames: torch.Tensor, mask: torch.Tensor, num_tokens: i
     return weights @ frames.masked_fill(~mask[..., None], 0.0)
 
 
-def resample(
-    waveform: torch.Tensor, orig_sr: int, new_sr: int, lowpass_width: int = 6, rolloff: float = 0.99
-) -> torch.Tensor:
-    """Band-limited (Hann-windowed sinc) resampling of ``[..., T]``, torch only.
+def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited resampling of ``[..., T]`` along the last axis by ``scipy.signal.resample_poly``.
 
-    The method of torchaudio's ``sinc_interp_hann`` (which we cannot install beside this torch):
-    one polyphase conv1d with ``new / gcd`` filters, cut off below the lower Nyquist so that
-    downsampling does not alias. Output length is ``ceil(T * new_sr / orig_sr)``.
+    Polyphase FIR (Kaiser window) with up/down factors ``new_sr / gcd`` and ``orig_sr / gcd``; the
+    low-pass sits at the lower Nyquist, so downsampling does not alias, and samples past either
+    end count as zeros. Output length is ``ceil(T * new_sr / orig_sr)``, dtype as the input's.
+    Training data (``espeak.resample_all``) and serving (``SpeechPlugin.preprocess``) both call this.
     """
     if orig_sr == new_sr:
         return waveform
+    from scipy.signal import resample_poly  # scipy.signal takes ~0.3 s to import; text-only runs never need it
+
     gcd = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // gcd, new_sr // gcd
-    base = min(orig, new) * rolloff
-    width = math.ceil(lowpass_width * orig / base)
-    offsets = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    t = (torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + offsets) * base
-    t = t.clamp(-lowpass_width, lowpass_width)
-    window = torch.cos(t * math.pi / lowpass_width / 2) ** 2
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    kernels = (sinc * window * (base / orig)).to(waveform.dtype)  # [new, 1, K]
-    shape = waveform.shape
-    flat = F.pad(waveform.reshape(-1, 1, shape[-1]), (width, width + orig))
-    out = F.conv1d(flat, kernels, stride=orig).transpose(1, 2).reshape(flat.shape[0], -1)
-    target = math.ceil(new * shape[-1] / orig)
-    return out[:, :target].reshape(*shape[:-1], target)
+    samples = waveform.detach().cpu()
+    if samples.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; scipy turns float16 into float32
+        samples = samples.float()
+    out = resample_poly(samples.numpy(), new_sr // gcd, orig_sr // gcd, axis=-1)
+    return torch.from_numpy(out).to(device=waveform.device, dtype=waveform.dtype)
