@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import io
 import json
 import shutil
@@ -83,6 +84,7 @@ def build_bundles(root: Path, tokenizer) -> Bundles:
     from autoglm_train.model.plugin_io import save_plugin
     from autoglm_train.model.registry import instantiate_plugin, plugin_config
 
+    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer is shared: other tests save decoders with it
     tokenizer.chat_template = thinking_template()
     prompt = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True, enable_thinking=True)
     texts = [f"{prompt}<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>", SENTENCE]
