@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from autoglm_train.serve.bundle import read_bundle
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.detokenize import IncrementalDecoder, TextAssembler
+from autoglm_train.engine.sampling import Sampler, SamplingParams, _top_p
+from autoglm_train.model.thinking import ThinkSplitter, split_reasoning
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.detokenize import IncrementalDecoder, TextAssembler
 from autoglm_train.serve.errors import APIError
 from autoglm_train.serve.multimodal import PluginSlot, decode_audio, decode_image, parse_messages
-from autoglm_train.serve.sampling import Sampler, SamplingParams, _top_p
 from autoglm_train.serve.schemas import ChatMessage
 from autoglm_train.serve.security import KeyChecker
-from autoglm_train.serve.thinking import ThinkSplitter, split_reasoning
 from tests.serve_support import png_data_url, wav_base64
 
 OUTPUT = "<think>\n Two and two.\n </think>\n\nFour.</thi"

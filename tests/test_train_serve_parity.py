@@ -23,11 +23,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.export.cli import export_main
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from recipes import add_modality
 from tests.conftest import REPO

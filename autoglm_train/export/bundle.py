@@ -103,9 +103,9 @@ def export_bundle(opts: ExportOptions):
     """
     from transformers import AutoTokenizer
 
-    from autoglm_train.export.chat_template import bundle_chat_template, supports_thinking
     from autoglm_train.export.hf_dir import check_glm, read_config, write_hf_decoder
     from autoglm_train.export.progress import Steps
+    from autoglm_train.model.chat_template import bundle_chat_template, supports_thinking
 
     src, out = Path(opts.decoder).resolve(), Path(opts.out).resolve()
     _check_target(out, opts.overwrite)

@@ -87,7 +87,7 @@ class PromptFormat:
         media_tokens: tuple[str, ...] = (),
     ) -> PromptFormat:
         """The format a bundle of this tokenizer will serve: the export's chat template, thinking off."""
-        from autoglm_train.export.chat_template import bundle_chat_template
+        from autoglm_train.model.chat_template import bundle_chat_template
 
         return cls(bundle_chat_template(tokenizer), enable_thinking, tuple(orders), media_at, tuple(media_tokens))
 

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoglm_train.serve.engine import Delta, Engine, Prompt
+from autoglm_train.engine.engine import Delta, Engine, Prompt
+from autoglm_train.engine.sampling import SamplingParams, TokenLogprob
+from autoglm_train.model.thinking import ThinkSplitter, prompt_opens_thinking, split_reasoning
 from autoglm_train.serve.errors import APIError
 from autoglm_train.serve.multimodal import parse_messages
 from autoglm_train.serve.prepare import bound_tokens, request_id, sampling_params
-from autoglm_train.serve.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.schemas import ChatCompletionRequest
 from autoglm_train.serve.state import ServerState
-from autoglm_train.serve.thinking import ThinkSplitter, prompt_opens_thinking, split_reasoning
 from autoglm_train.serve.worker import Producer
 
 

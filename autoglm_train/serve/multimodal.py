@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from autoglm_train.engine.routing import OPENAI_PARTS, PluginSlot
 from autoglm_train.model.prompt_format import join_content
 from autoglm_train.serve.api_error import APIError
-from autoglm_train.serve.routing import OPENAI_PARTS, PluginSlot
 from autoglm_train.serve.schemas import AudioPart, ChatMessage, ImagePart, OtherPart, TextPart
 
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
+from autoglm_train.engine.bundle import BundleInfo
+from autoglm_train.engine.head import body_of, vocab_head
+from autoglm_train.engine.quantize import load_serving_decoder
+from autoglm_train.engine.routing import PluginSlot, plugin_slots
+from autoglm_train.engine.sampling import SamplingParams
+from autoglm_train.engine.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
 from autoglm_train.model.decoder import MODALITY_TOKENS
 from autoglm_train.model.prompt_format import PromptFormat, render_chat
 from autoglm_train.serve.api_error import APIError
-from autoglm_train.serve.bundle import BundleInfo
-from autoglm_train.serve.head import body_of, vocab_head
-from autoglm_train.serve.quantize import load_serving_decoder
-from autoglm_train.serve.routing import PluginSlot, plugin_slots
-from autoglm_train.serve.sampling import SamplingParams
-from autoglm_train.serve.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 

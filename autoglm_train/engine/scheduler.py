@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from autoglm_train.serve.detokenize import IncrementalDecoder, TextAssembler
-from autoglm_train.serve.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from autoglm_train.engine.detokenize import IncrementalDecoder, TextAssembler
+from autoglm_train.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
 log = logging.getLogger(__name__)
 

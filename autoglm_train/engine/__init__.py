@@ -1,0 +1,1 @@
+"""The generation engine that training-time evaluation, the eval tools and the server share."""
