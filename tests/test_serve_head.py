@@ -1,4 +1,4 @@
-"""The engine's vocabulary head (serve/head.py): same logits as the decoder's own head, one stored copy."""
+"""The engine's vocabulary head (engine/head.py): same logits as the decoder's own head, one stored copy."""
 
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ def other_decoder(trained, student_tok) -> Path:
 
 def _fingerprints(trained, other: Path) -> tuple[str, str]:
     from autoglm_train.model.decoder_dir import placeholder_ids
-    from autoglm_train.model.manifest import pin_decoder
+    from autoglm_train.model.pin import pin_decoder
     from autoglm_train.model.plugin_io import read_plugin_meta
 
     trained_for = read_plugin_meta(trained["vision"]["artifact"])["decoder_fingerprint"]

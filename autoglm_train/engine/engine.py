@@ -1,16 +1,19 @@
-"""The generation engine: a decoder (+ plugins on demand), prompt rendering, and the batched loop.
+"""The generation engine: requests in, tokens out; what the server, held-out evaluation and the eval tools share.
 
 An engine is built from a serving bundle (the server) or from modules already in memory
-(``recipe=add_modality``'s held-out evaluation): both then generate through the same
-:class:`~.scheduler.Scheduler`, so a plugin's held-out score and its served score come from one
-loop. Concurrent requests are decoded together; a generation checks its cancel flag before every
-token, so a client that disconnects stops its generation within one step.
+(``recipe=add_modality``'s held-out evaluation and its validation): both then generate through the same
+:class:`~.scheduler.Scheduler`, so a plugin's held-out score and its served score come from one loop.
+Concurrent requests are decoded together; a generation checks its cancel flag before every token, so a
+client that disconnects stops its generation within one step.
+
+Each part has its own home: loading the decoder (tokenizer, pins, template probe) in :mod:`.loading`,
+the plugins in :mod:`.plugins`, the forward passes in :mod:`.runner`, the batched stepping in
+:mod:`.scheduler`; this class puts them together and is the one API. It knows no HTTP: a request it
+cannot serve raises an :class:`~.errors.EngineError` (the server maps those to status codes).
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -20,16 +23,12 @@ from typing import Any
 import torch
 
 from autoglm_train.engine.bundle import BundleInfo
-from autoglm_train.engine.head import body_of, vocab_head
-from autoglm_train.engine.quantize import load_serving_decoder
-from autoglm_train.engine.routing import PluginSlot, plugin_slots
+from autoglm_train.engine.loading import LoadedDecoder, attach_decoder, load_decoder
+from autoglm_train.engine.plugins import PluginSet
+from autoglm_train.engine.runner import ModelRunner
 from autoglm_train.engine.sampling import SamplingParams
 from autoglm_train.engine.scheduler import Delta, Event, Prompt, PromptScores, Scheduler, Sequence
-from autoglm_train.model.decoder import MODALITY_TOKENS
 from autoglm_train.model.prompt_format import PromptFormat, render_chat
-from autoglm_train.serve.api_error import APIError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Delta", "Engine", "Prompt", "PromptScores"]
 
@@ -38,7 +37,7 @@ class Engine:
     """Loads a bundle and generates from it.
 
     Args:
-        bundle: what :func:`read_bundle` found.
+        bundle: what :func:`~.bundle.read_bundle` found.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         dtype: ``auto`` (float32 on CPU, the checkpoint's dtype on GPU) or a dtype name.
         quantize: ``"int8"``: weight-only int8 with the device's fastest kernel (:mod:`.quantize`).
@@ -58,14 +57,7 @@ class Engine:
         max_model_len: int | None = None,
         max_batch: int = 64,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        self.bundle = bundle
-        tokenizer = AutoTokenizer.from_pretrained(str(bundle.decoder_dir))
-        decoder, torch_dtype, quantization = load_serving_decoder(bundle, device, dtype, quantize)
-        check_plugin_pins(bundle, tokenizer)
-        self._attach(decoder, tokenizer, torch_dtype, max_model_len, max_batch)
-        self.quantization = quantization
+        self._assemble(bundle, load_decoder(bundle, device, dtype, quantize, max_model_len), max_batch)
         for directory in bundle.plugin_dirs.values():
             self.model.register_plugin_dir(directory)
 
@@ -91,81 +83,68 @@ class Engine:
             name: plugin_meta(plugin, extra={"prompt_format": formats[name].to_dict()} if name in formats else None)
             for name, plugin in (plugins or {}).items()
         }
-        self.bundle = BundleInfo(root=Path("."), decoder_dir=Path("."), plugin_meta=meta, name="in-process")
-        dtype = next(decoder.parameters()).dtype
-        self._attach(decoder.eval(), tokenizer, dtype, None, max_batch)
-        self.quantization = None
+        bundle = BundleInfo(root=Path("."), decoder_dir=Path("."), plugin_meta=meta, name="in-process")
+        self._assemble(bundle, attach_decoder(decoder, tokenizer), max_batch)
         for plugin in (plugins or {}).values():
             self.model.add_plugin(plugin.eval())
         return self
 
-    def _attach(self, decoder, tokenizer, dtype: torch.dtype, max_model_len: int | None, max_batch: int) -> None:
-        from autoglm_train.model.modular import ModularLM
-
-        self.tokenizer = tokenizer
-        # inputs go where the embeddings are (the first GPU when the decoder is split across several)
-        self.device = decoder.get_input_embeddings().weight.device
-        self.placement = sorted({str(p.device) for p in decoder.parameters()})
-        vocab = tokenizer.get_vocab()
-        self._check_plugins(vocab, decoder.config.hidden_size)
-        placeholders = {
-            t: vocab[t]
-            for t in {*MODALITY_TOKENS, *(m["placeholder"] for m in self.bundle.plugin_meta.values())}
-            if t in vocab
-        }
-        self.model = ModularLM(decoder, placeholders).eval()  # plugins loaded on demand run in eval mode too
-        self.decoder = decoder
-        self.dtype = dtype
+    def _assemble(self, bundle: BundleInfo, loaded: LoadedDecoder, max_batch: int) -> None:
+        self.bundle = bundle
+        self.loaded = loaded
         self.lock = threading.Lock()
-        self.vocab_limit = min(len(tokenizer), decoder.config.vocab_size)
-        context = int(getattr(decoder.config, "max_position_embeddings", 0) or 2048)
-        self.max_model_len = min(max_model_len or context, context)
-        self.eos_ids = self._eos_ids()
-        self.slots: dict[str, PluginSlot] = plugin_slots(self.bundle.plugin_meta)
-        self.formats = {
-            name: PromptFormat.from_dict(meta["prompt_format"])
-            for name, meta in self.bundle.plugin_meta.items()
-            if meta.get("prompt_format")
-        }
-        self.reserved = set(placeholders)
-        self._body, self._head = body_of(decoder), vocab_head(decoder)
-        params = inspect.signature(self._body.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.thinking = self._template_thinks()
+        self.plugins = PluginSet(loaded.decoder, loaded.tokenizer, bundle.plugin_meta, self.lock)
+        self.runner = ModelRunner(self.plugins.model, loaded.device)
         self.scheduler = Scheduler(
-            self._prefill, self._decode, _new_cache, self.lock, tokenizer, self.eos_ids, self.vocab_limit, max_batch
+            self.runner.prefill,
+            self.runner.decode,
+            self.runner.new_cache,
+            self.lock,
+            loaded.tokenizer,
+            loaded.eos_ids,
+            loaded.vocab_limit,
+            max_batch,
         )
 
-    # --- set-up checks ------------------------------------------------------------------
-    def _check_plugins(self, vocab: dict[str, int], hidden_size: int) -> None:
-        """Refuse at start-up (not at the first image) a plugin that cannot attach to this decoder."""
-        for name, meta in self.bundle.plugin_meta.items():
-            if meta.get("placeholder") not in vocab:
-                raise ValueError(
-                    f"plugin {name}: placeholder {meta.get('placeholder')!r} is not a token of the decoder's tokenizer"
-                )
-            if meta.get("hidden_size") not in (None, hidden_size):
-                raise ValueError(
-                    f"plugin {name}: projects to {meta['hidden_size']}, the decoder's hidden size is {hidden_size}"
-                )
+    # --- facts for requests, logs, /health and /metrics ----------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
 
-    def _eos_ids(self) -> set[int]:
-        eos = getattr(self.decoder.generation_config, "eos_token_id", None)
-        ids = set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.loaded.decoder
 
-    def _template_thinks(self) -> bool:
-        probe = [{"role": "user", "content": "hi"}]
-        try:
-            on = self.render_chat(probe, {"enable_thinking": True})
-            off = self.render_chat(probe, {"enable_thinking": False})
-        except Exception:
-            return False
-        return on != off
+    @property
+    def model(self):
+        """The decoder with its plugins (:class:`~autoglm_train.model.modular.ModularLM`)."""
+        return self.plugins.model
 
-    # --- facts for logs, /health and /metrics -----------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+    @property
+    def vocab_limit(self) -> int:
+        return self.loaded.vocab_limit
+
+    @property
+    def thinking(self) -> bool:
+        return self.loaded.thinking
+
+    @property
+    def slots(self):
+        """Modality → the plugin serving it (:class:`~.routing.PluginSlot`)."""
+        return self.plugins.slots
+
+    @property
+    def reserved(self) -> set[str]:
+        return self.plugins.reserved
+
     @property
     def decode_steps(self) -> int:
         """Batched decode forward passes run so far (all requests)."""
@@ -173,42 +152,22 @@ class Engine:
 
     def loaded_modules(self) -> dict[str, str | None]:
         """Module → the device it sits on, or None while a plugin is not loaded yet."""
-        out: dict[str, str | None] = {"decoder": " + ".join(self.placement)}
-        built = dict(self.model.plugins.items())
-        for name in self.bundle.plugin_meta:
-            plugin = built.get(name)
-            out[name] = str(next(plugin.parameters()).device) if plugin is not None else None
-        return out
+        return {"decoder": " + ".join(self.loaded.placement), **self.plugins.loaded()}
 
     def describe(self) -> list[str]:
         """Start-up lines: which module, what precision, where."""
+        decoder, loaded = self.decoder, self.loaded
         # int8pack weights are buffers, not parameters: count both (tied storage once)
-        tensors = {
-            t.data_ptr(): t.numel() for t in [*self.decoder.parameters(), *self.decoder.buffers()] if t.dim() > 1
-        }
+        tensors = {t.data_ptr(): t.numel() for t in [*decoder.parameters(), *decoder.buffers()] if t.dim() > 1}
         params = sum(tensors.values())
-        quant = f", {self.quantization}" if self.quantization else ""
-        dtype = str(self.dtype).removeprefix("torch.")
+        quant = f", {loaded.quantization}" if loaded.quantization else ""
+        dtype = str(loaded.dtype).removeprefix("torch.")
         lines = [
-            f"text decoder: {type(self.decoder).__name__} ({params / 1e6:.1f}M params, {dtype}{quant}) "
-            f"on {' + '.join(self.placement)} | context {self.max_model_len} tokens | thinking template: "
-            f"{'yes' if self.thinking else 'no'} | batched decoding, up to {self.scheduler.max_batch} sequences"
+            f"text decoder: {type(decoder).__name__} ({params / 1e6:.1f}M params, {dtype}{quant}) "
+            f"on {' + '.join(loaded.placement)} | context {loaded.max_model_len} tokens | thinking template: "
+            f"{'yes' if loaded.thinking else 'no'} | batched decoding, up to {self.scheduler.max_batch} sequences"
         ]
-        for name, meta in self.bundle.plugin_meta.items():
-            kinds = [k for k, s in self.slots.items() if s.name == name]
-            fmt = self.formats.get(name)
-            trained = (
-                f"trained on {'/'.join(fmt.orders)} chat prompts, thinking {'on' if fmt.enable_thinking else 'off'}"
-                if fmt
-                else "no recorded prompt format"
-            )
-            lines.append(
-                f"{name} plugin ({meta.get('_target_', '?').rsplit('.', 1)[-1]}, {meta.get('num_tokens')} x "
-                f"{meta.get('placeholder')}, serves {', '.join(kinds) or 'no content part type'}; {trained}): "
-                f"on demand, loads onto {self.device} at first use"
-            )
-        if not self.bundle.plugin_meta:
-            lines.append("plugins: none (text only)")
+        lines += self.plugins.describe(self.device)
         if not self.tokenizer.chat_template:
             lines.append("no chat template in the tokenizer: /v1/chat/completions answers 400, /v1/completions works")
         return lines
@@ -220,18 +179,13 @@ class Engine:
         """The prompt text of a chat; with media of ``plugins``, in the format those plugins were trained on.
 
         The client's own ``enable_thinking`` / template kwargs still win over the recorded switch.
+
+        Raises:
+            InvalidRequest: the plugins were trained on different prompt formats.
         """
-        formats = {self.formats[name] for name in plugins if name in self.formats}
-        if len(formats) > 1:
-            raise APIError(
-                400,
-                f"the plugins {', '.join(plugins)} were trained on different prompt formats; send their media "
-                "in separate requests",
-                param="messages",
-                code="incompatible_plugins",
-            )
-        if formats:
-            return formats.pop().render(self.tokenizer, messages, template_kwargs)
+        fmt = self.plugins.prompt_format(plugins)
+        if fmt is not None:
+            return fmt.render(self.tokenizer, messages, template_kwargs)
         return render_chat(self.tokenizer, None, messages, template_kwargs)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -239,6 +193,15 @@ class Engine:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def modality_inputs(self, items: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
+        """Decoded media → each plugin's input batch; a plugin is built (weights read) at its first use.
+
+        Raises:
+            InvalidRequest: media the plugin cannot take (too short, wrong shape).
+            PluginUnavailable: a plugin failed to load.
+        """
+        return self.plugins.inputs(items, self.device)
 
     # --- generation -------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
@@ -335,76 +298,3 @@ class Engine:
             [Sequence(p, params, lambda e, i=i: collect(i, e), cancel) for i, p in enumerate(prompts)]
         )
         return tokens
-
-    def modality_inputs(self, items: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-        """Decoded media → each plugin's input batch; a plugin is built (weights read) at its first use.
-
-        Raises:
-            APIError: 400 for media the plugin cannot take (too short, wrong shape), 503 when a
-                plugin fails to load.
-        """
-        inputs = {}
-        for name, batch in items.items():
-            if not batch:
-                continue
-            with self.lock:  # building a plugin adds a submodule: not while a forward pass runs
-                first = name not in self.model.plugins
-                try:
-                    plugin = self.model.plugin(name)
-                except Exception as err:
-                    log.exception("plugin %s failed to load", name)
-                    raise APIError(
-                        503, f"the {name} plugin could not be loaded: {err}", code="plugin_unavailable"
-                    ) from err
-            if first:
-                log.info("on demand: %s plugin loaded onto %s", name, self.loaded_modules()[name])
-            try:
-                inputs[name] = plugin.preprocess(batch).to(self.device)
-            except ValueError as err:
-                raise APIError(400, str(err), param="messages", code="invalid_media") from err
-        return inputs
-
-    # --- forward passes (called by the scheduler, under the lock) -------------------------
-    def _prefill(self, prompt: Prompt, all_logits: bool) -> tuple[torch.Tensor, Any]:
-        """One prompt through the decoder: every attached plugin's fusion, then the decoder with a fresh cache."""
-        ids = torch.tensor([prompt.ids], device=self.device)
-        embeds = self.model.embed(ids, prompt.inputs)
-        out = self._body(inputs_embeds=embeds, use_cache=True)
-        hidden = out.last_hidden_state
-        return self._head(hidden if all_logits else hidden[:, -1:]), _cache_of(out)
-
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
-        out = self._body(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache}
-        )
-        return self._head(out.last_hidden_state), _cache_of(out)
-
-
-def check_plugin_pins(bundle: BundleInfo, tokenizer) -> None:
-    """Refuse a bundle whose plugin was trained against another decoder (both fingerprints in the message)."""
-    from autoglm_train.model.decoder_dir import placeholder_ids
-    from autoglm_train.model.manifest import pin_decoder
-    from autoglm_train.model.plugin_io import PluginMismatchError
-
-    pinned = {name: m.get("decoder_fingerprint") for name, m in bundle.plugin_meta.items()}
-    if not any(pinned.values()):
-        return
-    current = pin_decoder(bundle.decoder_dir, placeholder_ids(tokenizer), hash_weights=False).fingerprint
-    for name, trained_for in pinned.items():
-        if trained_for and trained_for != current:
-            raise PluginMismatchError(
-                f"plugin {name} ({bundle.plugin_dirs.get(name)}) was trained against decoder {trained_for}, "
-                f"but this bundle's decoder ({bundle.decoder_dir}) is {current}; retrain it with recipe=add_modality"
-            )
-
-
-def _new_cache() -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _cache_of(out: Any) -> Any:
-    """The KV cache of a forward output (``cache`` in transformers 5, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values

@@ -1,8 +1,8 @@
-"""Which request content part feeds which plugin, from what each plugin declares (``modality``, ``placeholder``).
+"""Which modality feeds which plugin, from what each plugin declares (``modality``, ``placeholder``).
 
-OpenAI names two media part types (``image_url``, ``input_audio``); a plugin of any other modality
-``m`` is reached with ``{"type": "input_m", "input_m": {"data": ...}}``. Nothing here is hard-coded
-per plugin: a modality added in one file + one yaml is servable as soon as its plugin is in a bundle.
+Nothing here is hard-coded per plugin: a modality added in one file + one yaml is servable as soon as its
+plugin is in a bundle. How a client names a modality on the wire (OpenAI's ``image_url``/``input_audio``
+content parts) is the server's business (``autoglm_train.serve.multimodal``), not the engine's.
 """
 
 from __future__ import annotations
@@ -10,15 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# OpenAI's own part types for the modalities it names; every other modality m is "input_m".
-OPENAI_PARTS = {"image": "image_url", "audio": "input_audio"}
 # Plugins saved before plugin.json declared a modality: known by their placeholder.
 _LEGACY_MODALITY = {"<|image|>": "image", "<|audio|>": "audio"}
-
-
-def part_type(modality: str) -> str:
-    """The content part type a client uses to send media of ``modality``."""
-    return OPENAI_PARTS.get(modality, f"input_{modality}")
 
 
 def plugin_modality(meta: dict[str, Any]) -> str:
@@ -28,7 +21,7 @@ def plugin_modality(meta: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class PluginSlot:
-    """What the parser needs to know of a plugin without building it."""
+    """What a request parser needs to know of a plugin without building it."""
 
     name: str
     placeholder: str
@@ -37,16 +30,15 @@ class PluginSlot:
 
 
 def plugin_slots(plugin_meta: dict[str, dict[str, Any]]) -> dict[str, PluginSlot]:
-    """Content part type → the plugin it feeds, from each plugin's declared modality.
+    """Modality → the plugin it feeds, from each plugin's declared modality (in the bundle's plugin order).
 
     Raises:
-        ValueError: two plugins declare the same modality (a request part could not be routed).
+        ValueError: two plugins declare the same modality (a request's media could not be routed).
     """
     slots: dict[str, PluginSlot] = {}
     for name, meta in plugin_meta.items():
         modality = plugin_modality(meta)
-        kind = part_type(modality)
-        if kind in slots:
-            raise ValueError(f"plugins {slots[kind].name} and {name} both declare modality '{modality}'")
-        slots[kind] = PluginSlot(name, meta["placeholder"], int(meta["num_tokens"]), modality)
+        if modality in slots:
+            raise ValueError(f"plugins {slots[modality].name} and {name} both declare modality '{modality}'")
+        slots[modality] = PluginSlot(name, meta["placeholder"], int(meta["num_tokens"]), modality)
     return slots
