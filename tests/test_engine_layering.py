@@ -26,7 +26,7 @@ prompt = Prompt(ids=engine.encode("The quick brown fox", add_special_tokens=Fals
 greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 tokens = engine.generate([prompt], greedy)
 streamed = [e.token_ids for e in engine.stream(prompt, greedy, threading.Event())]
-print(json.dumps({
+print("RESULT " + json.dumps({
     "tokens": tokens,
     "streamed": sum(streamed, []),
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in {web} or m.startswith("autoglm_train.serve")),
@@ -40,7 +40,9 @@ def test_engine_generates_without_importing_a_web_framework(bundles):
         [sys.executable, "-c", script, str(bundles.full)], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no result line: {done.stdout[-2000:]} {done.stderr[-2000:]}"
+    result = json.loads(lines[-1].removeprefix("RESULT "))
     assert len(result["tokens"]) == 1 and len(result["tokens"][0]) == 4  # a real generation ran
-    assert result["streamed"] == result["tokens"][0]  # the same loop, driven from its own thread
+    assert result["streamed"] == result["tokens"][0], result  # the same loop, driven from its own thread
     assert result["modules"] == [], f"the engine imported HTTP modules: {result['modules']}"

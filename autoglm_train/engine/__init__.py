@@ -5,34 +5,14 @@ modality and built on first use (:mod:`.plugins`), every running sequence decode
 (:mod:`.scheduler`, :mod:`.runner`), sampled (:mod:`.sampling`) and detokenized (:mod:`.detokenize`).
 It imports no web framework and raises its own exceptions (:mod:`.errors`); the HTTP layer
 (``autoglm_train.serve``) maps them to status codes, as vLLM's engine knows nothing of its entrypoints.
-
-Names are imported lazily, so ``from autoglm_train.engine.errors import ...`` does not pay for torch.
 """
 
-from __future__ import annotations
+from autoglm_train.engine.bundle import BundleInfo, read_bundle
+from autoglm_train.engine.engine import Engine
+from autoglm_train.engine.errors import EngineError, InvalidRequest, PluginUnavailable
+from autoglm_train.engine.sampling import SamplingParams
+from autoglm_train.engine.scheduler import Delta, Prompt, PromptScores
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from autoglm_train.engine.bundle import BundleInfo, read_bundle
-    from autoglm_train.engine.engine import Engine
-    from autoglm_train.engine.errors import EngineError, InvalidRequest, PluginUnavailable
-    from autoglm_train.engine.sampling import SamplingParams
-    from autoglm_train.engine.scheduler import Delta, Prompt, PromptScores
-
-_EXPORTS = {
-    "BundleInfo": "bundle",
-    "read_bundle": "bundle",
-    "Engine": "engine",
-    "EngineError": "errors",
-    "InvalidRequest": "errors",
-    "PluginUnavailable": "errors",
-    "SamplingParams": "sampling",
-    "Delta": "scheduler",
-    "Prompt": "scheduler",
-    "PromptScores": "scheduler",
-}
 __all__ = [
     "BundleInfo",
     "Delta",
@@ -45,9 +25,3 @@ __all__ = [
     "SamplingParams",
     "read_bundle",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

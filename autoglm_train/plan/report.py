@@ -22,10 +22,6 @@ TRAINER_CONFIG = {
 DESCRIPTION = "Memory plan for distilling into the 9B student on N GPUs: which trainer=... fits, and why."
 
 
-def _gb(x: float) -> str:
-    return f"{x / GB:,.1f}"
-
-
 def render(
     s: Shape,
     t: Shape | None,
@@ -121,5 +117,6 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
-if __name__ == "__main__":
-    main()
+def _gb(x: float) -> str:
+    """Bytes as GB with one decimal (the report's unit)."""
+    return f"{x / GB:,.1f}"
