@@ -211,3 +211,14 @@ def test_bundle_reader_accepts_bundles_and_plain_decoder_dirs(tmp_path):
         read_bundle(bundle)
     with pytest.raises(FileNotFoundError, match="no decoder"):
         read_bundle(tmp_path)
+
+
+def test_engine_errors_get_their_status_in_one_table():
+    """The engine raises what happened; only serve/errors.py turns it into an HTTP status (unknown kinds: 500)."""
+    from autoglm_train.engine.errors import EngineError, InvalidRequest, PluginUnavailable
+    from autoglm_train.serve.errors import api_error
+
+    bad = api_error(InvalidRequest("too short", param="messages", code="invalid_media"))
+    assert (bad.status, bad.message, bad.param, bad.code) == (400, "too short", "messages", "invalid_media")
+    assert api_error(PluginUnavailable("no weights", code="plugin_unavailable")).status == 503
+    assert api_error(EngineError("new kind")).status == 500
