@@ -332,10 +332,11 @@ def ours(bundle: Path, args: argparse.Namespace, quantize: bool, plugins: bool, 
 
 def plugin_phase(bundle: Path, url: str, model: str, pid: int, target: Target, args: argparse.Namespace) -> dict:
     """(d): the same text traffic, plugins never loaded, then again once a media request per plugin loaded them."""
-    from autoglm_train.serve.bundle import read_bundle
-    from autoglm_train.serve.routing import plugin_slots
+    from autoglm_train.engine.bundle import read_bundle
+    from autoglm_train.engine.routing import plugin_slots
+    from autoglm_train.serve.multimodal import part_slots
 
-    slots = plugin_slots(read_bundle(str(bundle)).plugin_meta)
+    slots = part_slots(plugin_slots(read_bundle(str(bundle)).plugin_meta))
     out: dict = {"clients": args.plugin_clients, "loaded": [], "failures": []}
     out["before"] = asyncio.run(drive(target, args.plugin_clients, args.requests, args.phase_timeout))
     out["rss_before"] = rss_mib(pid)

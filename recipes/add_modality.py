@@ -19,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.spec import require_data
+from autoglm_train.engine.engine import Engine
 from autoglm_train.errors import ConfigValueError
 from autoglm_train.eval.generation import bare_decoder_tokens, evaluate, text_only_tokens
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids, state_digest
 from autoglm_train.model.freeze import freeze
-from autoglm_train.model.manifest import load_plugin_artifact, pin_decoder, save_plugin_artifact
+from autoglm_train.model.manifest import load_plugin_artifact, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin, plugin_target
+from autoglm_train.model.pin import PluginMismatchError, pin_decoder
+from autoglm_train.model.plugin_io import load_plugin, plugin_target
 from autoglm_train.model.registry import instantiate_plugin
-from autoglm_train.serve.engine import Engine
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.tasks.sharding import gathered_module
 from autoglm_train.tasks.summary import write_summary

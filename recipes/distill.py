@@ -16,12 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
+from autoglm_train.distill.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
 from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, cache_dir_for
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
-from autoglm_train.model.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
 from autoglm_train.quant.callback import QATStartCallback
 from autoglm_train.quant.qat import convert_qat
 from autoglm_train.tasks.distill_task import DistillTask
@@ -125,7 +125,7 @@ def _teacher_init(
             "student.init=teacher is not supported under trainer=deepspeed_zero3 / teacher.shard=true yet "
             "(the mapped weights would have to be scattered into ZeRO-3 partitions); use ddp, fsdp or one device"
         )
-    from autoglm_train.distill.importance import calibration_batches
+    from autoglm_train.data.datamodule import calibration_batches
 
     data.setup("fit")
     batches = calibration_batches(data.data.train, init.calibration_blocks, init.calibration_batch_size)

@@ -60,7 +60,7 @@ def write_messy_images(root: Path, rows: int = 100) -> dict[str, list[int]]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from autoglm_train.eval.text_metrics import DIGIT_WORDS
+    from autoglm_train.data.multimodal.pairs import DIGIT_WORDS
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "garbage.png").write_bytes(b"definitely not an image")

@@ -47,7 +47,7 @@ _FALLBACK_TEMPLATE = (
 
 def thinking_template() -> str:
     try:
-        from autoglm_train.export.chat_template import THINKING_CHAT_TEMPLATE
+        from autoglm_train.model.chat_template import THINKING_CHAT_TEMPLATE
     except ImportError:
         return _FALLBACK_TEMPLATE
     return THINKING_CHAT_TEMPLATE

@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 from autoglm_train.data.multimodal.datamodule import PairDataModule
 from autoglm_train.data.multimodal.digits import HandwrittenDigits
 from autoglm_train.data.multimodal.spec import PairDataSpec
+from autoglm_train.engine.engine import Engine
 from autoglm_train.eval.generation import bare_decoder_tokens, text_only_tokens
 from autoglm_train.eval.text_metrics import cer, digit_accuracy, exact_match, wer
 from autoglm_train.model.decoder_dir import load_decoder_dir, placeholder_ids
 from autoglm_train.model.freeze import freeze
-from autoglm_train.model.manifest import ARTIFACT_FILES, load_plugin_artifact, pin_decoder, save_plugin_artifact
+from autoglm_train.model.manifest import ARTIFACT_FILES, load_plugin_artifact, save_plugin_artifact
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import PluginMismatchError
+from autoglm_train.model.pin import PluginMismatchError, pin_decoder
 from autoglm_train.model.plugins.vision import VisionPlugin
 from autoglm_train.model.registry import instantiate_plugin, plugin_config
-from autoglm_train.serve.engine import Engine
 from autoglm_train.tasks.plugin_task import PluginTask
 from autoglm_train.utils.checkpoint_io import SafetensorsCheckpointIO
 from recipes import add_modality

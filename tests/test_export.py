@@ -48,7 +48,7 @@ def student_dir(tmp_path_factory, student_tok) -> Path:
 def sensor_dir(tmp_path_factory, student_dir, student_tok) -> Path:
     """A plugin artifact pinned to ``student_dir`` (the export refuses one trained against another decoder)."""
     from autoglm_train.model.decoder_dir import placeholder_ids
-    from autoglm_train.model.manifest import pin_decoder
+    from autoglm_train.model.pin import pin_decoder
     from autoglm_train.model.plugin_io import save_plugin
     from tests.toy.sensor import SensorPlugin
 
@@ -143,6 +143,21 @@ def test_manifest_describes_every_module_and_form(bundle, manifest):
 
 
 # --- parity through the real consumers -----------------------------------------------
+
+
+def test_plugins_are_pinned_to_the_decoder_the_bundle_ships(bundle, manifest, student_tok):
+    """The export checked the plugin against the source decoder; it records the bundled (bf16) decoder's pin,
+    weights digest included, which the server checks at start-up (engine.loading.check_plugin_pins)."""
+    from autoglm_train.engine.bundle import read_bundle
+    from autoglm_train.engine.loading import check_plugin_pins, plugin_pins
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.pin import pin_decoder
+
+    shipped = pin_decoder(bundle / "decoder", placeholder_ids(student_tok))
+    recorded = manifest["modules"]["plugins"]["sensor"]["decoder_pin"]
+    assert recorded["weights_sha256"] == shipped.weights_sha256 and recorded["fingerprint"] == shipped.fingerprint
+    assert plugin_pins(read_bundle(bundle))["sensor"].weights_sha256 == shipped.weights_sha256
+    check_plugin_pins(read_bundle(bundle), student_tok)
 
 
 def test_every_form_matches_the_training_model(exported):

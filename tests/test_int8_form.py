@@ -70,9 +70,9 @@ def test_ptq_writes_the_standard_form_and_measures_the_file_it_wrote(run, studen
 
 
 def test_export_ships_the_measured_form_while_the_student_is_unchanged(run, tmp_path, student_tok):
+    from autoglm_train.engine.bundle import read_bundle
+    from autoglm_train.engine.quantize import standard_int8_dir
     from autoglm_train.export.bundle import ExportOptions, export_bundle
-    from autoglm_train.serve.bundle import read_bundle
-    from autoglm_train.serve.quantize import standard_int8_dir
 
     root, _, _ = run
     opts = ExportOptions(

@@ -14,10 +14,9 @@ from PIL import Image
 from autoglm_train.data.multimodal.datamodule import IGNORE_INDEX, PairDataModule, left_pad
 from autoglm_train.data.multimodal.digits import HandwrittenDigits
 from autoglm_train.data.multimodal.local import LocalPairs
-from autoglm_train.data.multimodal.pairs import Pair
+from autoglm_train.data.multimodal.pairs import DIGIT_WORDS, Pair
 from autoglm_train.data.multimodal.report import BadItemError, SkipReport
 from autoglm_train.data.multimodal.spec import PairDataSpec
-from autoglm_train.eval.text_metrics import DIGIT_WORDS
 from autoglm_train.model.plugins import SpeechPlugin, VisionPlugin
 
 

@@ -14,12 +14,11 @@ from autoglm_train.model.manifest import (
     ARTIFACT_FILES,
     MANIFEST_FILE,
     load_plugin_artifact,
-    pin_decoder,
     read_manifest,
     save_plugin_artifact,
 )
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import PluginMismatchError
+from autoglm_train.model.pin import PluginMismatchError, pin_decoder
 from autoglm_train.model.registry import instantiate_plugin, plugin_config
 from tests.conftest import REPO
 from tests.mm_fixtures import save_micro_decoder
@@ -131,3 +130,30 @@ def test_modified_artifact_file_is_detected(decoders, student_tok, tmp_path):
     (artifact / MANIFEST_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no manifest"):
         load_plugin_artifact(artifact, pin)
+
+
+def test_serving_checks_the_pinned_weights_not_only_the_shapes(decoders, student_tok, tmp_path):
+    """The engine's start-up check reads the artifact's full pin: a retrained decoder of the same shape is refused
+    with the same message every other pin check gives (one check_pin); plugin.json's fingerprint alone would pass."""
+    from autoglm_train.engine.bundle import BundleInfo
+    from autoglm_train.engine.loading import check_plugin_pins
+    from autoglm_train.model.plugin_io import read_plugin_meta
+
+    artifact = save_plugin_artifact(_trained_sensor(), tmp_path / "sensor", _pin(decoders["a"], student_tok))
+    meta = read_plugin_meta(artifact)
+
+    def bundle(decoder: str, folder=artifact, manifest=None) -> BundleInfo:
+        return BundleInfo(decoders[decoder], decoders[decoder], {"sensor": folder}, {"sensor": meta}, manifest)
+
+    check_plugin_pins(bundle("a"), student_tok)
+    with pytest.raises(PluginMismatchError, match=r"^plugin sensor .*weights .*recipe=add_modality"):
+        check_plugin_pins(bundle("retrained"), student_tok)
+    bare = shutil.copytree(artifact, tmp_path / "bare", ignore=shutil.ignore_patterns(MANIFEST_FILE))
+    check_plugin_pins(bundle("retrained", bare), student_tok)  # only the fingerprint recorded: shapes match
+    with pytest.raises(PluginMismatchError, match=r"config\.json, tokenizer files or placeholder"):
+        check_plugin_pins(bundle("deeper", bare), student_tok)
+    # an exported bundle's manifest pins the decoder as the bundle ships it (dtype-converted): that pin wins
+    shipped = {"modules": {"plugins": {"sensor": {"decoder_pin": _pin(decoders["retrained"], student_tok).to_dict()}}}}
+    check_plugin_pins(bundle("retrained", manifest=shipped), student_tok)
+    with pytest.raises(PluginMismatchError, match="weights"):
+        check_plugin_pins(bundle("a", manifest=shipped), student_tok)

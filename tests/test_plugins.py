@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.nn import functional as F
 
+from autoglm_train.model.pin import PluginMismatchError
 from autoglm_train.model.plugin import MissingExtraError, ModalityPlugin
-from autoglm_train.model.plugin_io import PluginMismatchError, load_plugin, save_plugin
+from autoglm_train.model.plugin_io import load_plugin, save_plugin
 from autoglm_train.model.plugins import SpeechPlugin, VisionPlugin, resample
 from autoglm_train.model.plugins.speech import masked_adaptive_pool
 from autoglm_train.model.registry import PLUGIN_CONF_DIR, available_plugins, instantiate_plugin, plugin_config

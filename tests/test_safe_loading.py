@@ -133,10 +133,10 @@ def no_unpickle(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_pickled_decoder_dir_is_refused_without_unpickling(pickled_decoder_dir: Path, no_unpickle) -> None:
+    from autoglm_train.engine.bundle import read_bundle
+    from autoglm_train.engine.engine import Engine
     from autoglm_train.export.hf_dir import load_reference
     from autoglm_train.model.decoder_dir import load_decoder_dir
-    from autoglm_train.serve.bundle import read_bundle
-    from autoglm_train.serve.engine import Engine
 
     for load in (
         lambda: load_decoder_dir(pickled_decoder_dir),

@@ -131,7 +131,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 def _check_conversion(root: Path, step: int) -> None:
     """The last checkpoint, converted to an HF decoder, equals the student the run saved."""
-    from autoglm_train.utils.sharded_checkpoint import checkpoint_to_hf_decoder
+    from autoglm_train.model.hf_io import checkpoint_to_hf_decoder
 
     out = root / "outputs" / "t"
     converted = checkpoint_to_hf_decoder(

@@ -9,10 +9,10 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.routes import v1
 from tests.serve_support import (
     ANSWER,

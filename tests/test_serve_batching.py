@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Delta, Engine, Prompt
+from autoglm_train.engine.sampling import SamplingParams
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Delta, Engine, Prompt
 from autoglm_train.serve.multimodal import decode_audio, decode_image
-from autoglm_train.serve.sampling import SamplingParams
 from tests.serve_support import KEY, MODEL, SENTENCE, one_thread, png_data_url, wav_base64
 
 

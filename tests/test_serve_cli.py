@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.cli import config_from_args, log_startup, parse_args, startup_lines
-from autoglm_train.serve.engine import Engine
 from tests.conftest import REPO
 from tests.serve_support import KEY, MODEL
 

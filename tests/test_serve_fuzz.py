@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tests.serve_support import KEY, MODEL, QUESTION, one_thread
 

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from autoglm_train.serve.security import PROTECTED_PREFIX
 from tests.serve_support import KEY, MODEL, OTHER_KEY, one_thread

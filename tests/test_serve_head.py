@@ -1,12 +1,12 @@
-"""The engine's vocabulary head (serve/head.py): same logits as the decoder's own head, one stored copy."""
+"""The engine's vocabulary head (engine/head.py): same logits as the decoder's own head, one stored copy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from autoglm_train.engine.head import body_of, store_transposed, vocab_head
 from autoglm_train.model.decoder import DecoderSpec, build_decoder
-from autoglm_train.serve.head import body_of, store_transposed, vocab_head
 
 SPEC = DecoderSpec("head-test", 32, 2, 4, 2, 64, tie_word_embeddings=True)
 

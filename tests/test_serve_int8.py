@@ -2,7 +2,7 @@
 
 The serving test decoder (tests/serve_support.py) is exported with its standard ``int8/`` form; the
 server loads that form (or, for a bundle without one, quantizes ``decoder/`` in memory) through
-:func:`autoglm_train.serve.quantize.load_serving_decoder`, and is held to the export's int8 bound.
+:func:`autoglm_train.engine.quantize.load_serving_decoder`, and is held to the export's int8 bound.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoglm_train.serve.bundle import read_bundle
+from autoglm_train.engine.bundle import read_bundle
 from tests.serve_support import one_thread
 
 # every test here runs the int8pack kernel: a kernel crash fails that test by name, not the whole run (issue 25)
@@ -41,8 +41,8 @@ def reference(int8_bundle):
     """The fp32 decoder's answers on the export's parity prompts."""
     from transformers import AutoTokenizer
 
+    from autoglm_train.engine.quantize import load_serving_decoder
     from autoglm_train.export.parity import reference_answers
-    from autoglm_train.serve.quantize import load_serving_decoder
 
     decoder, dtype, description = load_serving_decoder(read_bundle(int8_bundle), "cpu", "auto", None)
     assert (dtype, description) == (torch.float32, None)
@@ -52,7 +52,7 @@ def reference(int8_bundle):
 
 
 def _serve_int8(path, dtype: str = "auto"):
-    from autoglm_train.serve.quantize import load_serving_decoder
+    from autoglm_train.engine.quantize import load_serving_decoder
 
     with one_thread():
         return load_serving_decoder(read_bundle(path), "cpu", dtype, "int8")
@@ -138,12 +138,12 @@ def test_bfloat16_int8_server_on_cpu(int8_bundle, reference):
 @pytest.mark.parametrize("with_form", [True, False], ids=["int8-form", "in-memory"])
 def test_an_untied_decoder_keeps_two_int8_vocab_matrices(tmp_path, student_tok, with_form):
     """GLM-4-9B-shaped decoders do not tie the head: both matrices are int8, the embedding still has a weight."""
+    from autoglm_train.engine.quantize import load_serving_decoder
     from autoglm_train.export.parity import TOLERANCES, TorchRunner, compare, reference_answers
     from autoglm_train.model.decoder import build_decoder
     from autoglm_train.model.hf_io import save_hf_decoder
     from autoglm_train.quant.int8_layout import write_int8
     from autoglm_train.quant.int8_modules import Int8Embedding, Int8PackedLinear
-    from autoglm_train.serve.quantize import load_serving_decoder
     from tests.conftest import micro_spec
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_an_untied_decoder_keeps_two_int8_vocab_matrices(tmp_path, student_tok, 
 
 
 def test_unknown_quantization_or_dtype_is_refused(bundles):
-    from autoglm_train.serve.quantize import load_serving_decoder
+    from autoglm_train.engine.quantize import load_serving_decoder
 
     info = read_bundle(bundles.text_only)
     with pytest.raises(ValueError, match="quantize='int4'"):
@@ -178,8 +178,8 @@ def test_unknown_quantization_or_dtype_is_refused(bundles):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_int8_serves_torchao_linears(int8_bundle, reference):
+    from autoglm_train.engine.quantize import load_serving_decoder
     from autoglm_train.quant.int8_modules import Int8Embedding
-    from autoglm_train.serve.quantize import load_serving_decoder
 
     fp32, _, ref = reference
     decoder, dtype, description = load_serving_decoder(read_bundle(int8_bundle), "cuda", "bfloat16", "int8")

@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from tests.serve_support import (
     ANSWER,
@@ -183,7 +183,7 @@ def test_fifty_concurrent_streams_complete_without_errors(server):
 
 
 def test_eval_tool_reports_perplexity_agreement_digits_and_wer(server, tmp_path, capsys):
-    from autoglm_train.serve.evaluate import main
+    from autoglm_train.eval.client import main
 
     (tmp_path / "heldout.txt").write_text(f"{SENTENCE}\n\nThe quick brown dog.\n")
     for i in range(2):

@@ -8,15 +8,17 @@ import json
 import pytest
 import torch
 
-from autoglm_train.serve.bundle import read_bundle
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.detokenize import IncrementalDecoder, TextAssembler
+from autoglm_train.engine.routing import PluginSlot
+from autoglm_train.engine.sampling import Sampler, SamplingParams, _top_p
+from autoglm_train.export.manifest import BundleError
+from autoglm_train.model.thinking import ThinkSplitter, split_reasoning
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.detokenize import IncrementalDecoder, TextAssembler
 from autoglm_train.serve.errors import APIError
-from autoglm_train.serve.multimodal import PluginSlot, decode_audio, decode_image, parse_messages
-from autoglm_train.serve.sampling import Sampler, SamplingParams, _top_p
+from autoglm_train.serve.multimodal import decode_audio, decode_image, parse_messages
 from autoglm_train.serve.schemas import ChatMessage
 from autoglm_train.serve.security import KeyChecker
-from autoglm_train.serve.thinking import ThinkSplitter, split_reasoning
 from tests.serve_support import png_data_url, wav_base64
 
 OUTPUT = "<think>\n Two and two.\n </think>\n\nFour.</thi"
@@ -188,12 +190,35 @@ def test_bundle_reader_accepts_bundles_and_plain_decoder_dirs(tmp_path):
     (bundle / "plugins" / "vision" / "plugin.json").write_text(
         json.dumps({"name": "vision", "placeholder": "<|image|>"})
     )
-    (bundle / "manifest.json").write_text(json.dumps({"model_name": "m", "forms": {"hf": {"path": "decoder"}}}))
+    header = {"format": "autoglm-bundle", "format_version": 1}
+    (bundle / "manifest.json").write_text(
+        json.dumps({**header, "model_name": "m", "forms": {"hf": {"path": "decoder"}}})
+    )
     info = read_bundle(bundle)
     assert info.decoder_dir == bundle / "decoder" and set(info.plugin_dirs) == {"vision"} and info.name == "m"
 
-    (bundle / "manifest.json").write_text(json.dumps({"modules": {"plugins": {"speech": {"path": "plugins/speech"}}}}))
+    (bundle / "manifest.json").write_text(
+        json.dumps({**header, "modules": {"plugins": {"speech": {"path": "plugins/speech"}}}})
+    )
     with pytest.raises(FileNotFoundError, match="speech"):
+        read_bundle(bundle)
+    # the manifest is read by its one reader (export.manifest): another format or a newer version is refused
+    (bundle / "manifest.json").write_text(json.dumps({"model_name": "m"}))
+    with pytest.raises(BundleError, match="format is None"):
+        read_bundle(bundle)
+    (bundle / "manifest.json").write_text(json.dumps({**header, "format_version": 99}))
+    with pytest.raises(BundleError, match="newer than this reader"):
         read_bundle(bundle)
     with pytest.raises(FileNotFoundError, match="no decoder"):
         read_bundle(tmp_path)
+
+
+def test_engine_errors_get_their_status_in_one_table():
+    """The engine raises what happened; only serve/errors.py turns it into an HTTP status (unknown kinds: 500)."""
+    from autoglm_train.engine.errors import EngineError, InvalidRequest, PluginUnavailable
+    from autoglm_train.serve.errors import api_error
+
+    bad = api_error(InvalidRequest("too short", param="messages", code="invalid_media"))
+    assert (bad.status, bad.message, bad.param, bad.code) == (400, "too short", "messages", "invalid_media")
+    assert api_error(PluginUnavailable("no weights", code="plugin_unavailable")).status == 503
+    assert api_error(EngineError("new kind")).status == 500

@@ -7,8 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from autoglm_train.distill import importance as imp
-from autoglm_train.model.decoder import DecoderSpec, build_decoder
-from autoglm_train.model.teacher_init import (
+from autoglm_train.distill.teacher_init import (
     StudentInitSpec,
     TeacherNotMappableError,
     check_mappable,
@@ -20,6 +19,7 @@ from autoglm_train.model.teacher_init import (
     student_spec,
     teacher_initialised,
 )
+from autoglm_train.model.decoder import DecoderSpec, build_decoder
 
 V = 100  # the teacher tokenizer's size; the student has placeholder/padding rows beyond it
 SHAPE = dict(

@@ -24,11 +24,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
 from autoglm_train.export.cli import export_main
 from autoglm_train.serve.app import create_app
-from autoglm_train.serve.bundle import read_bundle
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.local import running_server
 from recipes import add_modality
 from tests.conftest import REPO
@@ -200,7 +200,7 @@ def other_decoder(trained, student_tok) -> Path:
 
 def _fingerprints(trained, other: Path) -> tuple[str, str]:
     from autoglm_train.model.decoder_dir import placeholder_ids
-    from autoglm_train.model.manifest import pin_decoder
+    from autoglm_train.model.pin import pin_decoder
     from autoglm_train.model.plugin_io import read_plugin_meta
 
     trained_for = read_plugin_meta(trained["vision"]["artifact"])["decoder_fingerprint"]

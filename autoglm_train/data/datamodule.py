@@ -123,3 +123,14 @@ class TextDataModule(L.LightningDataModule):
     def _on_gpu(self) -> bool:
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
+def calibration_batches(dataset: Any, blocks: int, batch_size: int) -> list[dict[str, Any]]:
+    """The first ``blocks`` rows of a packed split as batches of ``batch_size`` (deterministic: same on every rank).
+
+    What ``student.init=teacher`` measures the teacher's importance on (:mod:`autoglm_train.distill.importance`).
+    """
+    from autoglm_train.data.loader import fetch_batch
+
+    n = min(blocks, len(dataset))
+    return [fetch_batch(dataset, list(range(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]

@@ -172,11 +172,3 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def calibration_batches(dataset, blocks: int, batch_size: int) -> list[Batch]:
-    """The first ``blocks`` rows of a packed split as batches of ``batch_size`` (deterministic: same on every rank)."""
-    from autoglm_train.data.loader import fetch_batch
-
-    n = min(blocks, len(dataset))
-    return [fetch_batch(dataset, list(range(i, min(i + batch_size, n)))) for i in range(0, n, batch_size)]

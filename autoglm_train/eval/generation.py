@@ -1,6 +1,6 @@
 """Held-out evaluation of a plugin through the serving engine, and the text-only parity check.
 
-Answers come from :class:`~autoglm_train.serve.engine.Engine` — the loop the server runs — on
+Answers come from :class:`~autoglm_train.engine.engine.Engine` — the loop the server runs — on
 prompts rendered by the plugin's :class:`~autoglm_train.model.prompt_format.PromptFormat`, so a
 held-out score here is the score a client gets through ``/v1/chat/completions``.
 """
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from autoglm_train.engine.engine import Engine, Prompt
+from autoglm_train.engine.sampling import SamplingParams
 from autoglm_train.eval.text_metrics import cer, digit_accuracy, exact_match, wer
-from autoglm_train.serve.engine import Engine, Prompt
-from autoglm_train.serve.sampling import SamplingParams
 
 
 def greedy(max_new_tokens: int, logprobs: bool = False) -> SamplingParams:

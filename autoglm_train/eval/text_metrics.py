@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import jiwer
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from autoglm_train.data.multimodal.pairs import DIGIT_WORDS
+
 _WORD_OF = {**{w: w for w in DIGIT_WORDS}, **{str(i): w for i, w in enumerate(DIGIT_WORDS)}}
 _TOKEN = re.compile(r"[a-z0-9']+")
 

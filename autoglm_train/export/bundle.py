@@ -17,7 +17,6 @@ with one rename; an existing bundle is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -104,10 +103,11 @@ def export_bundle(opts: ExportOptions):
     """
     from transformers import AutoTokenizer
 
-    from autoglm_train.export.chat_template import bundle_chat_template, supports_thinking
     from autoglm_train.export.hf_dir import check_glm, write_hf_decoder
     from autoglm_train.export.progress import Steps
+    from autoglm_train.model.chat_template import bundle_chat_template
     from autoglm_train.model.hf_io import read_config
+    from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, template_thinks
 
     src, out = Path(opts.decoder).resolve(), Path(opts.out).resolve()
     _check_target(out, opts.overwrite)
@@ -141,7 +141,7 @@ def export_bundle(opts: ExportOptions):
         plugins = {}
         if opts.plugins:
             with steps.step(f"plugins/ ({len(opts.plugins)})"):
-                plugins = _copy_plugins(plugin_metas, tmp / "plugins")
+                plugins = _copy_plugins(plugin_metas, tmp / "plugins", _bundled_pin(tmp / "decoder", tokenizer))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -152,9 +152,9 @@ def export_bundle(opts: ExportOptions):
             "forms": forms,
             "chat_template": {
                 "file": "decoder/chat_template.jinja",
-                "thinking": supports_thinking(tokenizer, template),
-                "think_tags": ["<think>", "</think>"],
-                "switch": "enable_thinking (default true); false emits an empty <think></think> block",
+                "thinking": template_thinks(tokenizer, template),
+                "think_tags": [THINK_OPEN, THINK_CLOSE],
+                "switch": f"enable_thinking (default true); false emits an empty {THINK_OPEN}{THINK_CLOSE} block",
             },
             "versions": library_versions(),
         }
@@ -266,24 +266,33 @@ def _check_plugins(folders: list[str], tokenizer, config: dict[str, Any], src: P
 def _check_pin(folder: Path, meta: dict[str, Any], tokenizer, src: Path) -> None:
     """Refuse a plugin trained against another decoder: its artifact's pin (or ``plugin.json``'s fingerprint)."""
     from autoglm_train.model.decoder_dir import placeholder_ids
-    from autoglm_train.model.manifest import MANIFEST_FILE, DecoderPin, check_pin, pin_decoder
-    from autoglm_train.model.plugin_io import PluginMismatchError
+    from autoglm_train.model.manifest import artifact_pin
+    from autoglm_train.model.pin import PluginMismatchError, check_pin, pin_decoder
 
     current = pin_decoder(src, placeholder_ids(tokenizer))
     try:
-        if (folder / MANIFEST_FILE).is_file():
-            trained_for = DecoderPin.from_dict(json.loads((folder / MANIFEST_FILE).read_text())["decoder"])
-            check_pin(trained_for, current, f"plugin {meta['name']} ({folder})")
-        elif meta.get("decoder_fingerprint") and meta["decoder_fingerprint"] != current.fingerprint:
-            raise PluginMismatchError(
-                f"plugin {meta['name']} ({folder}) was trained against decoder {meta['decoder_fingerprint']}, "
-                f"not --decoder {src} ({current.fingerprint}); retrain it with recipe=add_modality"
-            )
+        check_pin(artifact_pin(folder) or meta.get("decoder_fingerprint"), current, f"plugin {meta['name']} ({folder})")
     except PluginMismatchError as err:
         raise BundleError(f"{err} (export refused)") from None
 
 
-def _copy_plugins(metas: dict[Path, dict[str, Any]], dest: Path) -> dict[str, dict[str, Any]]:
+def _bundled_pin(decoder_dir: Path, tokenizer) -> dict[str, Any]:
+    """The pin of the decoder as the bundle ships it (dtype-converted: other weight bytes than the source's).
+
+    Each plugin's entry records it once the plugin's own pin has matched the source decoder: the server then
+    checks the bundle's ``decoder/`` against it, weights included, without trusting an unverified file table.
+    """
+    from dataclasses import replace
+
+    from autoglm_train.model.decoder_dir import placeholder_ids
+    from autoglm_train.model.pin import pin_decoder
+
+    return replace(pin_decoder(decoder_dir, placeholder_ids(tokenizer)), path=decoder_dir.name).to_dict()
+
+
+def _copy_plugins(
+    metas: dict[Path, dict[str, Any]], dest: Path, decoder_pin: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Copy each plugin's artifact files as they are (bit-identical); returns the manifest's plugin entries.
 
     Only the artifact's own files travel: ``plugin.json``, ``model.safetensors`` and, for artifacts written by
@@ -312,6 +321,7 @@ def _copy_plugins(metas: dict[Path, dict[str, Any]], dest: Path) -> dict[str, di
             "dtype": dtypes,
             "params": params,
             "decoder_fingerprint": meta.get("decoder_fingerprint"),
+            "decoder_pin": decoder_pin,
             "loader": "autoglm_train.model.plugin_io.load_plugin",
             "source": str(folder),
         }

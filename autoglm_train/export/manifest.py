@@ -94,6 +94,8 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise BundleIntegrityError(Path(root), [f"{MANIFEST}: not valid JSON ({err})"]) from err
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version", 0) > FORMAT_VERSION:

@@ -1,12 +1,18 @@
-"""A decoder as a plain Hugging Face directory (safetensors): saved atomically, read one tensor at a time.
+"""Plain Hugging Face decoder directories (safetensors): written atomically, read one tensor at a time, and
+made from any run checkpoint.
 
 The readers serve everything converted from a run's fp32 decoder (the export's forms, the int8 form of
 :mod:`autoglm_train.quant.int8_layout`), each straight from the source so that nothing rounds twice.
+``python -m autoglm_train.model.hf_io CKPT OUT --like RUN/student`` turns a checkpoint of any format the trainers
+write (safetensors, DeepSpeed ZeRO-2/3, FSDP2; read by :mod:`autoglm_train.utils.sharded_checkpoint`) into the
+directory transformers, vLLM and the export tool load.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -72,3 +78,35 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], str
                 sl = f.get_slice(name)
                 shapes[name] = (tuple(sl.get_shape()), sl.get_dtype())
     return shapes
+
+
+def checkpoint_to_hf_decoder(
+    ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], like: str | os.PathLike[str]
+) -> Path:
+    """Write the student of ``ckpt`` as a Hugging Face decoder directory, config + tokenizer taken from ``like``.
+
+    ``like`` is any HF directory of the same shape and tokenizer, e.g. the run's ``student/`` (written at the end of
+    every run) or an earlier export.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from autoglm_train.utils.sharded_checkpoint import load_student_state_dict, student_from_state_dict
+
+    config = AutoConfig.from_pretrained(like)
+    tokenizer = AutoTokenizer.from_pretrained(like)
+    model = student_from_state_dict(config, load_student_state_dict(ckpt))
+    return save_hf_decoder(model, tokenizer, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A run checkpoint (safetensors, ZeRO-2/3 or FSDP2) -> HF decoder dir")
+    parser.add_argument("checkpoint", help="e.g. outputs/distill/checkpoints/step=000050.ckpt")
+    parser.add_argument("out_dir", help="where the HF directory is written (replaced atomically)")
+    parser.add_argument("--like", required=True, help="HF dir with the same config + tokenizer (the run's student/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    print(checkpoint_to_hf_decoder(args.checkpoint, args.out_dir, args.like))
+
+
+if __name__ == "__main__":
+    main()

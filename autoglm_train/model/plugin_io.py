@@ -15,15 +15,11 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from autoglm_train.errors import ConfigValueError
+from autoglm_train.model.pin import check_pin
 from autoglm_train.model.plugin import ModalityPlugin
 
 CONFIG_FILE = "plugin.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class PluginMismatchError(ConfigValueError):
-    """A plugin artifact trained against a different decoder."""
 
 
 def plugin_target(plugin: ModalityPlugin) -> str:
@@ -73,17 +69,18 @@ def read_plugin_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_plugin(directory: str | Path, decoder_fingerprint: str | None = None) -> ModalityPlugin:
-    """Rebuild a plugin from its folder; refuse one trained for another decoder."""
+    """Rebuild a plugin from its folder; refuse one trained for another decoder (``decoder_fingerprint`` given).
+
+    Raises:
+        PluginMismatchError: ``plugin.json`` records another decoder fingerprint.
+    """
     from autoglm_train.model.registry import instantiate_plugin
 
     directory = Path(directory)
     meta = read_plugin_meta(directory)
     trained_for = meta.pop("decoder_fingerprint", None)
-    if decoder_fingerprint and trained_for and trained_for != decoder_fingerprint:
-        raise PluginMismatchError(
-            f"{directory}: plugin '{meta.get('name')}' was trained against decoder {trained_for[:12]}, "
-            f"not this decoder {decoder_fingerprint[:12]}; retrain it with recipe=add_modality"
-        )
+    if decoder_fingerprint:
+        check_pin(trained_for, decoder_fingerprint, f"plugin {meta.get('name')} ({directory})")
     ctor_keys = {"_target_", *_constructor_keys(meta)}
     plugin = instantiate_plugin({k: v for k, v in meta.items() if k in ctor_keys})
     missing, unexpected = plugin.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)

@@ -7,7 +7,7 @@ learned is what a client gets:
   ``num_tokens`` copies of its plugin's placeholder), exactly as ``serve.multimodal`` flattens an
   OpenAI ``content`` list;
 * the conversation is rendered by the decoder's serving chat template (the template the export
-  ships, ``export.chat_template.bundle_chat_template``) with the generation prompt, thinking off
+  ships, :func:`~autoglm_train.model.chat_template.bundle_chat_template`) with the generation prompt, thinking off
   unless the data carries reasoning;
 * the answer follows the rendered prompt and ends with the template's end-of-turn token;
 * ``media_at`` says where the media placeholders sit: ``turn`` keeps them where the client put them
@@ -27,6 +27,8 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from autoglm_train.model.chat_template import bundle_chat_template
 
 ORDERS = ("text_first", "media_first")
 """Content orders a plugin can be trained on: ``[text, media]`` (OpenAI's examples) and ``[media, text]``."""
@@ -87,8 +89,6 @@ class PromptFormat:
         media_tokens: tuple[str, ...] = (),
     ) -> PromptFormat:
         """The format a bundle of this tokenizer will serve: the export's chat template, thinking off."""
-        from autoglm_train.export.chat_template import bundle_chat_template
-
         return cls(bundle_chat_template(tokenizer), enable_thinking, tuple(orders), media_at, tuple(media_tokens))
 
     # --- rendering -------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = json.loads((args.data / "manifest.json").read_text())
     tmp = args.out.with_suffix(".tmp.json")
-    cmd = [sys.executable, "-m", "autoglm_train.serve.evaluate", "--json", str(tmp)]
+    cmd = [sys.executable, "-m", "autoglm_train.eval.client", "--json", str(tmp)]
     cmd += ["--text", str(args.data / "texts.jsonl"), "--max-texts", str(data["texts"]["items"])]
     if args.distill:
         cmd += ["--teacher", teacher_path(args.distill)]

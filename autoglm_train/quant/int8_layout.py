@@ -85,7 +85,7 @@ def is_standard_int8(directory: str | Path) -> bool:
 
 def source_record(src: str | Path) -> dict[str, str | None]:
     """The float decoder an int8 form is made from, by content: sha256 of its config and weight files."""
-    from autoglm_train.model.manifest import config_sha256, weights_sha256
+    from autoglm_train.model.pin import config_sha256, weights_sha256
 
     return {"config_sha256": config_sha256(src), "weights_sha256": weights_sha256(src)}
 

@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.errors import install_error_handlers
 from autoglm_train.serve.metrics import Metrics, MetricsMiddleware
 from autoglm_train.serve.routes import ops, v1
@@ -23,7 +23,7 @@ def build_engine(config: ServerConfig) -> Engine:
     """Read the bundle and load the decoder (plugins stay on disk until a request needs them)."""
     import torch
 
-    from autoglm_train.serve.bundle import read_bundle, verify_bundle_files
+    from autoglm_train.engine.bundle import read_bundle, verify_bundle_files
 
     if config.threads:
         torch.set_num_threads(config.threads)

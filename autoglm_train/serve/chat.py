@@ -7,14 +7,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from autoglm_train.serve.engine import Delta, Engine, Prompt
+from autoglm_train.engine.engine import Delta, Engine, Prompt
+from autoglm_train.engine.errors import EngineError
+from autoglm_train.engine.sampling import SamplingParams, TokenLogprob
+from autoglm_train.model.thinking import ThinkSplitter, prompt_opens_thinking, split_reasoning
 from autoglm_train.serve.errors import APIError
-from autoglm_train.serve.multimodal import parse_messages
+from autoglm_train.serve.multimodal import parse_messages, part_slots
 from autoglm_train.serve.prepare import bound_tokens, request_id, sampling_params
-from autoglm_train.serve.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.schemas import ChatCompletionRequest
 from autoglm_train.serve.state import ServerState
-from autoglm_train.serve.thinking import ThinkSplitter, prompt_opens_thinking, split_reasoning
 from autoglm_train.serve.worker import Producer
 
 
@@ -44,7 +45,7 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, start: float) 
             param="messages",
             code="no_chat_template",
         )
-    parsed = parse_messages(body.messages, engine.slots, engine.reserved, state.config.max_image_pixels)
+    parsed = parse_messages(body.messages, part_slots(engine.slots), engine.reserved, state.config.max_image_pixels)
     template_kwargs = dict(body.chat_template_kwargs or {})
     return_reasoning = bool(template_kwargs.pop("return_reasoning", False))
     if body.return_reasoning is not None:
@@ -53,7 +54,7 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest, start: float) 
         template_kwargs["enable_thinking"] = body.enable_thinking
     try:
         text = engine.render_chat(parsed.messages, template_kwargs, plugins=tuple(parsed.items))
-    except APIError:
+    except (APIError, EngineError):
         raise
     except Exception as err:  # jinja errors raised by the template itself (e.g. role order)
         raise APIError(

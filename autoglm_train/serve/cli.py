@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     import uvicorn
 
-    from autoglm_train.model.plugin_io import PluginMismatchError
+    from autoglm_train.model.pin import PluginMismatchError
     from autoglm_train.serve.app import create_app
 
     try:

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoglm_train.engine.engine import Delta, Engine, Prompt, PromptScores
+from autoglm_train.engine.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.chat import usage
-from autoglm_train.serve.engine import Delta, Engine, Prompt, PromptScores
 from autoglm_train.serve.errors import APIError
 from autoglm_train.serve.multimodal import check_reserved
 from autoglm_train.serve.prepare import bound_tokens, request_id, sampling_params
-from autoglm_train.serve.sampling import SamplingParams, TokenLogprob
 from autoglm_train.serve.schemas import CompletionRequest
 from autoglm_train.serve.state import ServerState
 from autoglm_train.serve.worker import Producer

@@ -1,4 +1,9 @@
-"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, for every failure path."""
+"""Errors in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``, for every failure path.
+
+The one place where failures get HTTP status codes: the server's own refusals are :class:`APIError`
+(status included), and the engine's exceptions, which know nothing of HTTP, are mapped by
+:data:`ENGINE_STATUS`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,48 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from autoglm_train.serve.api_error import APIError
+from autoglm_train.engine.errors import EngineError, InvalidRequest, PluginUnavailable
 
-__all__ = ["APIError", "error_body", "error_response", "install_error_handlers"]
+__all__ = ["ENGINE_STATUS", "APIError", "api_error", "error_body", "error_response", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the client should see as it is.
+
+    Args:
+        status: HTTP status.
+        message: what went wrong and, where possible, what to do instead.
+        param: the request field at fault (``messages[0].content[1].image_url.url``).
+        code: a stable machine-readable code (``context_length_exceeded``, ``invalid_api_key``).
+        headers: extra response headers (``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+ENGINE_STATUS: dict[type[EngineError], int] = {
+    InvalidRequest: 400,  # the client's request is at fault (media a plugin cannot take, mixed prompt formats)
+    PluginUnavailable: 503,  # a plugin failed to load on this server: not the client's fault, retry may help
+}
+"""Engine exception → HTTP status; an :class:`EngineError` not listed (a new kind) is a 500."""
+
+
+def api_error(err: EngineError) -> APIError:
+    """The response an engine exception becomes: its status from :data:`ENGINE_STATUS`, its message and code."""
+    status = next((s for kind, s in ENGINE_STATUS.items() if isinstance(err, kind)), 500)
+    return APIError(status, err.message, param=err.param, code=err.code)
+
 
 _TYPES = {
     400: "invalid_request_error",
@@ -52,6 +94,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
         return error_response(err)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, err: EngineError) -> JSONResponse:
+        return error_response(api_error(err))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -1,7 +1,8 @@
 """Chat content parts → template-ready text with placeholder tokens + the raw items for each plugin.
 
 Which part type feeds which plugin comes from what each plugin declares (its ``modality`` and
-``placeholder`` in ``plugin.json``), not from a fixed list:
+``placeholder`` in ``plugin.json``; the engine's :mod:`~autoglm_train.engine.routing`), not from a
+fixed list; the wire names of the modalities live here:
 
 * ``image`` plugins take OpenAI's ``image_url`` parts, which must carry ``data:`` URLs (base64):
   the server never fetches http(s) URLs;
@@ -25,10 +26,23 @@ from typing import Any
 
 import numpy as np
 
+from autoglm_train.engine.routing import PluginSlot
 from autoglm_train.model.prompt_format import join_content
-from autoglm_train.serve.api_error import APIError
-from autoglm_train.serve.routing import OPENAI_PARTS, PluginSlot
+from autoglm_train.serve.errors import APIError
 from autoglm_train.serve.schemas import AudioPart, ChatMessage, ImagePart, OtherPart, TextPart
+
+# OpenAI's own part types for the modalities it names; every other modality m is "input_m".
+OPENAI_PARTS = {"image": "image_url", "audio": "input_audio"}
+
+
+def part_type(modality: str) -> str:
+    """The content part type a client uses to send media of ``modality``."""
+    return OPENAI_PARTS.get(modality, f"input_{modality}")
+
+
+def part_slots(slots: dict[str, PluginSlot]) -> dict[str, PluginSlot]:
+    """The engine's modality → plugin slots keyed by the content part type that carries each modality."""
+    return {part_type(modality): slot for modality, slot in slots.items()}
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+from autoglm_train.engine.sampling import SamplingParams
 from autoglm_train.serve.errors import APIError
-from autoglm_train.serve.sampling import SamplingParams
 from autoglm_train.serve.schemas import ChatCompletionRequest, CompletionRequest
 from autoglm_train.serve.state import ServerState
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from autoglm_train.serve.chat import chat_chunks, chat_completion, prepare_chat
 from autoglm_train.serve.completions import completion, completion_chunks, prepare_completion
 from autoglm_train.serve.metrics import CONTENT_TYPE
+from autoglm_train.serve.multimodal import part_type
 from autoglm_train.serve.prepare import check_common, check_model
 from autoglm_train.serve.schemas import ChatCompletionRequest, CompletionRequest
 from autoglm_train.serve.state import ServerState, get_state
@@ -34,7 +35,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
         "created": state.created,
         "owned_by": "autoglm-train",
         "max_model_len": state.max_model_len,
-        "modalities": ["text", *(kind for kind in engine.slots)],
+        "modalities": ["text", *(part_type(modality) for modality in engine.slots)],
         "thinking": engine.thinking,
     }
 

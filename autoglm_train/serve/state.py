@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from autoglm_train.engine.engine import Engine
 from autoglm_train.serve.config import ServerConfig
-from autoglm_train.serve.engine import Engine
 from autoglm_train.serve.metrics import Metrics
 from autoglm_train.serve.worker import Worker
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from sse_starlette.sse import EventSourceResponse
 
-from autoglm_train.serve.errors import APIError, error_body
+from autoglm_train.engine.errors import EngineError
+from autoglm_train.serve.errors import APIError, api_error, error_body
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def sse_response(chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
         try:
             async for chunk in chunks:
                 yield {"data": json.dumps(chunk, ensure_ascii=False)}
-        except APIError as err:
+        except (APIError, EngineError) as err:
+            err = api_error(err) if isinstance(err, EngineError) else err
             yield {"data": json.dumps(error_body(err.status, err.message, err.param, err.code))}
         except Exception as err:
             log.exception("error while streaming")

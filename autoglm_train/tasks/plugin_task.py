@@ -17,10 +17,10 @@ import torch
 from torch.nn import functional as F
 
 from autoglm_train.data.multimodal.datamodule import IGNORE_INDEX
+from autoglm_train.engine.engine import Engine
 from autoglm_train.eval.generation import generate_answers, score
 from autoglm_train.model.modular import ModularLM
-from autoglm_train.model.plugin_io import PluginMismatchError
-from autoglm_train.serve.engine import Engine
+from autoglm_train.model.pin import PluginMismatchError
 from autoglm_train.tasks.distill_task import split_lm
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class PluginTask(L.LightningModule):
         self._val["labels"] += batch["digit_labels"]
 
     def on_validation_epoch_end(self) -> None:
-        self._engine = None  # its CPU head holds a transposed copy of the vocabulary (serve/head.py)
+        self._engine = None  # its CPU head holds a transposed copy of the vocabulary (engine/head.py)
         if not self._val.get("answers"):
             return
         metrics = {

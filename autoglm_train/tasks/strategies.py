@@ -114,7 +114,7 @@ class DeepSpeedStrategy(_MarksCompleteCheckpoints, _LightningDeepSpeedStrategy):
                 f"ckpt_path={checkpoint_path}: a ZeRO checkpoint of {saved} ranks cannot resume on {self.world_size}: "
                 "DeepSpeed reshards only universal checkpoints (deepspeed.checkpoint.ds_to_universal), which "
                 "Lightning's DeepSpeedStrategy cannot load; resume on the same number of ranks, or start from "
-                "the student (python -m autoglm_train.utils.sharded_checkpoint) with a fresh optimizer"
+                "the student (python -m autoglm_train.model.hf_io) with a fresh optimizer"
             )
         return super().load_checkpoint(checkpoint_path, weights_only)
 

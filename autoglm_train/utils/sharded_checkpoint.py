@@ -12,13 +12,13 @@ What this module adds on top:
   ranks finished (:mod:`autoglm_train.tasks.strategies`), so resume skips half-written saves and orders by step
   without unpickling anything (:func:`inspect_sharded_checkpoint`).
 * :func:`load_student_state_dict`: the student's full fp32 weights from any checkpoint format (DeepSpeed's own
-  ``zero_to_fp32`` for ZeRO-2/3, torch DCP for FSDP2), and :func:`checkpoint_to_hf_decoder` to write them as a plain
-  Hugging Face decoder directory: ``python -m autoglm_train.utils.sharded_checkpoint CKPT OUT --like RUN/student``.
+  ``zero_to_fp32`` for ZeRO-2/3, torch DCP for FSDP2), which
+  :func:`autoglm_train.model.hf_io.checkpoint_to_hf_decoder` writes as a plain Hugging Face decoder directory
+  (``python -m autoglm_train.model.hf_io CKPT OUT --like RUN/student``; a model concern, so it lives there).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -192,35 +192,3 @@ def student_from_state_dict(config: Any, state_dict: dict[str, torch.Tensor]) ->
         if buf.device.type == "meta":  # non-persistent buffers (rotary inv_freq) are not in a state dict
             raise ValueError(f"buffer {name} was not restored")
     return model.eval()
-
-
-def checkpoint_to_hf_decoder(
-    ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], like: str | os.PathLike[str]
-) -> Path:
-    """Write the student of ``ckpt`` as a Hugging Face decoder directory, config + tokenizer taken from ``like``.
-
-    ``like`` is any HF directory of the same shape and tokenizer, e.g. the run's ``student/`` (written at the end of
-    every run) or an earlier export.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from autoglm_train.model.hf_io import save_hf_decoder
-
-    config = AutoConfig.from_pretrained(like)
-    tokenizer = AutoTokenizer.from_pretrained(like)
-    model = student_from_state_dict(config, load_student_state_dict(ckpt))
-    return save_hf_decoder(model, tokenizer, out_dir)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A run checkpoint (safetensors, ZeRO-2/3 or FSDP2) -> HF decoder dir")
-    parser.add_argument("checkpoint", help="e.g. outputs/distill/checkpoints/step=000050.ckpt")
-    parser.add_argument("out_dir", help="where the HF directory is written (replaced atomically)")
-    parser.add_argument("--like", required=True, help="HF dir with the same config + tokenizer (the run's student/)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    print(checkpoint_to_hf_decoder(args.checkpoint, args.out_dir, args.like))
-
-
-if __name__ == "__main__":
-    main()

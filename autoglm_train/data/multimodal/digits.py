@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from autoglm_train.data.multimodal.pairs import Pair
+from autoglm_train.data.multimodal.pairs import DIGIT_WORDS, Pair
 from autoglm_train.data.multimodal.report import SkipReport
-from autoglm_train.eval.text_metrics import DIGIT_WORDS
 
 # (question, answer) phrasings; "{digit}" becomes the digit word. One is drawn per image.
 DEFAULT_PHRASINGS: tuple[tuple[str, str], ...] = (

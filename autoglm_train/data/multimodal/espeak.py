@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from autoglm_train.data.multimodal.pairs import Pair
+from autoglm_train.data.multimodal.pairs import DIGIT_WORDS, Pair
 from autoglm_train.data.multimodal.report import SkipReport
-from autoglm_train.eval.text_metrics import DIGIT_WORDS
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,9 @@ from typing import Any, Protocol
 
 from autoglm_train.data.multimodal.report import SkipReport
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+"""The labels digit pairs carry (spoken and written digits alike); digit accuracy scores answers against them."""
+
 
 @dataclass
 class Pair:

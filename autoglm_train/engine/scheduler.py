@@ -20,6 +20,7 @@ The cache is transformers' own ``DynamicCache``; only its rows are padded, merge
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections import deque
@@ -30,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from autoglm_train.serve.detokenize import IncrementalDecoder, TextAssembler
-from autoglm_train.serve.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from autoglm_train.engine.detokenize import IncrementalDecoder, TextAssembler
+from autoglm_train.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Scheduler:
         self._mask: torch.Tensor | None = None
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     # --- submitting -------------------------------------------------------------------------
     def submit(self, sequences: list[Sequence]) -> None:
@@ -133,7 +135,21 @@ class Scheduler:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="generate-loop", daemon=True)
                 self._thread.start()
+                # An idle loop thread left running into interpreter shutdown can abort the process
+                # ("terminate called without an active exception"): stop it first.
+                atexit.register(self.close)
             self._wake.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread once its running sequences are done or cancelled (at exit; a new submit restarts it)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        thread.join(timeout)
+        self._closing = False
 
     @property
     def serving(self) -> bool:
@@ -160,6 +176,8 @@ class Scheduler:
         while True:
             with self._wake:
                 while not self._waiting and not self._running:
+                    if self._closing:
+                        return
                     self._wake.wait()
                 room = max(0, self.max_batch - len(self._running))
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]

@@ -15,8 +15,8 @@ never changes the vocabulary the decoder was trained with.
 
 from __future__ import annotations
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, template_thinks
+
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 THINKING_CHAT_TEMPLATE = (
@@ -26,36 +26,16 @@ THINKING_CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}\n"
     "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
     " | map(attribute='text') | join('') -%}{%- endif -%}\n"
-    "{%- if message['role'] == 'assistant' and '</think>' in content -%}\n"
-    "{%- set content = content.split('</think>')[-1].lstrip() -%}\n"
+    f"{{%- if message['role'] == 'assistant' and '{THINK_CLOSE}' in content -%}}\n"
+    f"{{%- set content = content.split('{THINK_CLOSE}')[-1].lstrip() -%}}\n"
     "{%- endif -%}\n"
     "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}\n"
     "{%- endfor -%}\n"
     "{%- if add_generation_prompt -%}\n"
     "{{- '<|im_start|>assistant\\n' -}}\n"
-    "{%- if not thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}\n"
+    f"{{%- if not thinking -%}}{{{{- '{THINK_OPEN}\\n\\n{THINK_CLOSE}\\n\\n' -}}}}{{%- endif -%}}\n"
     "{%- endif -%}\n"
 )
-
-_PROBE = [{"role": "user", "content": "2+2?"}]
-
-
-def render(tokenizer, template: str, messages: list[dict], enable_thinking: bool | None = None) -> str:
-    """The prompt text ``template`` makes of ``messages`` (with the generation prompt)."""
-    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True, **kwargs
-    )
-
-
-def supports_thinking(tokenizer, template: str) -> bool:
-    """True when ``enable_thinking=False`` renders a closed think block and ``True`` does not."""
-    try:
-        off = render(tokenizer, template, _PROBE, enable_thinking=False)
-        on = render(tokenizer, template, _PROBE, enable_thinking=True)
-    except Exception:
-        return False
-    return THINK_CLOSE in off and THINK_CLOSE not in on
 
 
 def bundle_chat_template(tokenizer, override: str | None = None) -> str:
@@ -64,7 +44,7 @@ def bundle_chat_template(tokenizer, override: str | None = None) -> str:
     if override is not None:
         return override
     own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, str) and "enable_thinking" in own and supports_thinking(tokenizer, own):
+    if isinstance(own, str) and "enable_thinking" in own and template_thinks(tokenizer, own):
         return own
     vocab = tokenizer.get_vocab()
     missing = [t for t in CHATML_TOKENS if t not in vocab]

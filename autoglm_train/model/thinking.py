@@ -1,15 +1,42 @@
-"""Thinking mode: separate the reasoning between ``<think>`` tags from the answer, also mid-stream.
+"""Thinking mode, the one owner of its format: the tags, the "does this template think" probe, the splitter.
 
 The chat template decides whether the model thinks (``enable_thinking``); the model writes
-``<think>reasoning</think>answer``. The server returns the answer as ``content`` and, when the
-client asks (``return_reasoning``), the reasoning as ``reasoning_content``; otherwise it is dropped.
-Streamed and non-streamed output are split by the same state machine, so they always agree.
+``<think>reasoning</think>answer``. Everything that needs to know this reads it here: the bundle's
+chat template (:mod:`.chat_template`) and the export's manifest write the tags, the export and the
+engine probe a template with :func:`template_thinks`, and the server splits the output with
+:class:`ThinkSplitter` (the answer as ``content``; the reasoning as ``reasoning_content`` when the
+client asks with ``return_reasoning``, otherwise dropped). Streamed and non-streamed output are
+split by the same state machine, so they always agree.
+
+It sits in ``model`` (not in the engine) because the prompt format of training data
+(:mod:`.prompt_format`) renders with the thinking template too.
 """
 
 from __future__ import annotations
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+
+_PROBE = [{"role": "user", "content": "2+2?"}]
+
+
+def template_thinks(tokenizer, template: str | None = None) -> bool:
+    """True when ``template`` (default: the tokenizer's own) has a thinking switch.
+
+    That is: ``enable_thinking=False`` renders a closed think block and ``True`` does not. A tokenizer
+    without a template, or a template that fails to render, does not think.
+    """
+
+    def render(enable_thinking: bool) -> str:
+        return tokenizer.apply_chat_template(
+            _PROBE, chat_template=template, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+
+    try:
+        off, on = render(False), render(True)
+    except Exception:
+        return False
+    return THINK_CLOSE in off and THINK_CLOSE not in on
 
 
 def prompt_opens_thinking(prompt_text: str) -> bool:

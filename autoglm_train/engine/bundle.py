@@ -1,24 +1,27 @@
 """Find what a serving bundle holds, tolerantly: a full bundle, a bare decoder/ + plugins/, or a plain HF dir.
 
-The server needs four facts: where the HF decoder is, which plugin folders exist (read only
+The engine needs four facts: where the HF decoder is, which plugin folders exist (read only
 on first use), the model's name, and what the manifest says (logged, shown in /v1/models).
 The export tool writes the full layout; a plain ``save_hf_decoder`` directory serves too.
+The manifest itself is read by its one owner, :func:`autoglm_train.export.manifest.read_manifest`,
+which refuses a file of another format or of a newer format version than this reader knows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoglm_train.export.manifest import MANIFEST, check_files, read_manifest
+from autoglm_train.model.plugin_io import CONFIG_FILE as PLUGIN_CONFIG
+from autoglm_train.model.plugin_io import read_plugin_meta
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 DECODER_DIR = "decoder"
 PLUGINS_DIR = "plugins"
-PLUGIN_CONFIG = "plugin.json"
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,15 @@ def read_bundle(path: str | Path) -> BundleInfo:
 
     Raises:
         FileNotFoundError: naming what was looked for.
+        BundleError: the manifest is not valid JSON, of another format, or of a newer format version.
     """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"bundle {root}: no such directory")
-    manifest = _load_manifest(root)
+    manifest = read_manifest(root) if (root / MANIFEST).is_file() else None
     decoder = _decoder_dir(root, manifest)
     plugin_dirs = _plugin_dirs(root, manifest)
-    meta = {name: json.loads((d / PLUGIN_CONFIG).read_text()) for name, d in plugin_dirs.items()}
+    meta = {name: read_plugin_meta(d) for name, d in plugin_dirs.items()}
     name = (manifest or {}).get("model_name") or root.name
     return BundleInfo(
         root=root, decoder_dir=decoder, plugin_dirs=plugin_dirs, plugin_meta=meta, manifest=manifest, name=name
@@ -62,22 +66,7 @@ def verify_bundle_files(info: BundleInfo) -> int:
     """Check every file against the manifest's sha256 (the export tool's checker); returns files checked."""
     if info.manifest is None:
         raise FileNotFoundError(f"bundle {info.root}: no {MANIFEST} to verify against")
-    from autoglm_train.export.manifest import check_files
-
     return check_files(info.root, info.manifest)
-
-
-def _load_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return manifest
 
 
 def _decoder_dir(root: Path, manifest: dict[str, Any] | None) -> Path:
@@ -110,6 +99,6 @@ def _plugin_dirs(root: Path, manifest: dict[str, Any] | None) -> dict[str, Path]
     if (root / PLUGINS_DIR).is_dir():
         for folder in sorted((root / PLUGINS_DIR).iterdir()):
             if (folder / PLUGIN_CONFIG).is_file():
-                name = json.loads((folder / PLUGIN_CONFIG).read_text()).get("name", folder.name)
+                name = read_plugin_meta(folder).get("name", folder.name)
                 found.setdefault(name, folder)
     return found

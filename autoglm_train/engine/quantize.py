@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoglm_train.serve.bundle import BundleInfo
-from autoglm_train.serve.head import store_transposed
+from autoglm_train.engine.bundle import BundleInfo
+from autoglm_train.engine.head import store_transposed
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def load_serving_decoder(
     """The bundle's decoder, ready to serve.
 
     Args:
-        bundle: what :func:`~autoglm_train.serve.bundle.read_bundle` found.
+        bundle: what :func:`~autoglm_train.engine.bundle.read_bundle` found.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``; ``auto`` with several
             GPUs splits the layers across them (``device_map="auto"``).
         dtype: ``auto`` (float32 on CPU, the checkpoint's dtype on GPU) or ``float32``/``bfloat16``/``float16``.

@@ -1,0 +1,3 @@
+from autoglm_train.plan.report import main
+
+main()
