@@ -57,15 +57,15 @@ def load_serving_decoder(
         store_transposed(decoder)  # the CPU fp32 head's fast layout (serve/head.py); a no-op elsewhere
         return decoder, torch_dtype, None
 
-    from autoglm_train.quant.ptq import PTQSpec, int8_lookup_embedding, pack_weight_only, quantize_model
+    from autoglm_train.quant.int8_layout import load_int8
+    from autoglm_train.quant.int8_modules import Int8PackedLinear
+    from autoglm_train.quant.ptq import PTQSpec, quantize_model
 
     kernel = "int8pack" if on_cpu else "torchao"
     int8_dir = standard_int8_dir(bundle)
     if int8_dir is not None:
-        decoder = _from_pretrained(int8_dir, torch_dtype, device_map)
-        _retarget_int8_dtype(decoder, torch_dtype)
-        int8_lookup_embedding(decoder, torch_dtype)
-        packed = pack_weight_only(decoder) if kernel == "int8pack" else 0
+        decoder = load_int8(int8_dir, torch_dtype, kernel=kernel, device_map=device_map)
+        packed = sum(isinstance(m, Int8PackedLinear) for m in decoder.modules())
         source = f"weights from the bundle's {int8_dir.name}/ (TorchAoConfig)"
     else:
         decoder = _from_pretrained(bundle.decoder_dir, torch_dtype, device_map)
@@ -88,7 +88,7 @@ def standard_int8_dir(bundle: BundleInfo) -> Path | None:
     The manifest's ``forms.int8.path`` is looked up first, then ``<bundle>/int8``; the earlier
     project-specific layout (``int8.json``) is not served (it would be dequantized to float on load).
     """
-    from autoglm_train.export.int8 import is_standard_int8
+    from autoglm_train.quant.int8_layout import is_standard_int8
 
     entry = ((bundle.manifest or {}).get("forms") or {}).get("int8") or {}
     candidates = [bundle.root / entry["path"]] if isinstance(entry.get("path"), str) else []
@@ -120,23 +120,6 @@ def _from_pretrained(directory: Path, torch_dtype: torch.dtype, device_map: str 
         str(directory), dtype=torch_dtype, device_map=device_map, use_safetensors=True
     )
     return model.eval()
-
-
-def _retarget_int8_dtype(model: nn.Module, torch_dtype: torch.dtype) -> None:
-    """Make each int8 weight compute in ``torch_dtype``: the form records the fp32 it was made from, and a
-    bf16 server would otherwise multiply bf16 activations by fp32 dequantized weights."""
-    from torchao.quantization import Int8Tensor
-
-    retyped: dict[int, nn.Parameter] = {}  # one new Parameter per old one: a tied head and embedding stay tied
-    for module in list(model.modules()):
-        weight = module._parameters.get("weight")
-        if weight is None or not isinstance(weight.data, Int8Tensor) or weight.dtype == torch_dtype:
-            continue
-        if id(weight) not in retyped:
-            w = weight.data
-            new = Int8Tensor(w.qdata, w.scale, w.block_size, torch_dtype, zero_point=w.zero_point)
-            retyped[id(weight)] = nn.Parameter(new, requires_grad=False)
-        module.weight = retyped[id(weight)]
 
 
 def _vocab_shared(model: nn.Module) -> bool:

@@ -173,8 +173,12 @@ def copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
 
 
-def load_int8(directory: str | Path, dtype: torch.dtype = torch.float32, kernel: str | None = None) -> nn.Module:
-    """An int8 form loaded by transformers alone, in eval mode; weights stay int8 (``dtype``: the float tensors).
+def load_int8(
+    directory: str | Path, dtype: torch.dtype = torch.float32, kernel: str | None = None, device_map: str | None = None
+) -> nn.Module:
+    """An int8 form loaded by transformers alone, in eval mode; weights stay int8 and compute in ``dtype``.
+
+    The one reader of the form: PTQ's measurement, the pipeline's compare and the server all load through it.
 
     Args:
         directory: a ``student_int8/`` or a bundle's ``int8/``.
@@ -182,6 +186,7 @@ def load_int8(directory: str | Path, dtype: torch.dtype = torch.float32, kernel:
         kernel: None for the model exactly as transformers builds it; ``torchao`` or ``int8pack``
             (:class:`~autoglm_train.quant.ptq.PTQSpec`) for the inference modules PTQ and the server use
             (the embedding as a row lookup in the int8 matrix; ``int8pack``: the CPU int8 matmul kernel).
+        device_map: transformers' ``device_map`` (a GPU server loads the weights straight onto its devices).
     """
     from transformers import AutoModelForCausalLM
 
@@ -194,12 +199,32 @@ def load_int8(directory: str | Path, dtype: torch.dtype = torch.float32, kernel:
             f"{directory}: not an int8 form (no config.json with a torchao quantization_config); write one with "
             "`python train.py recipe=distill quant=ptq_int8` or the export's int8/ form"
         )
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=dtype, device_map=device_map, use_safetensors=True
+    ).eval()
+    retarget_int8_dtype(model, dtype)
     if kernel is not None:
         int8_lookup_embedding(model, dtype)
     if kernel == "int8pack":
         pack_weight_only(model)
     return model
+
+
+def retarget_int8_dtype(model: nn.Module, torch_dtype: torch.dtype) -> None:
+    """Make each int8 weight compute in ``torch_dtype``: the form records the fp32 it was made from, and a
+    bf16 server would otherwise multiply bf16 activations by fp32 dequantized weights."""
+    from torchao.quantization import Int8Tensor
+
+    retyped: dict[int, nn.Parameter] = {}  # one new Parameter per old one: a tied head and embedding stay tied
+    for module in list(model.modules()):
+        weight = module._parameters.get("weight")
+        if weight is None or not isinstance(weight.data, Int8Tensor) or weight.dtype == torch_dtype:
+            continue
+        if id(weight) not in retyped:
+            w = weight.data
+            new = Int8Tensor(w.qdata, w.scale, w.block_size, torch_dtype, zero_point=w.zero_point)
+            retyped[id(weight)] = nn.Parameter(new, requires_grad=False)
+        module.weight = retyped[id(weight)]
 
 
 def _modules(hf_config) -> tuple[list[str], set[str]]:
