@@ -28,6 +28,7 @@ from typing import Any
 
 from autoglm_train.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, BundleError, library_versions
 from autoglm_train.export.manifest import write_manifest as _write_manifest
+from autoglm_train.model.hf_io import read_config
 
 GGUF_QTYPES = ("f16", "q8_0")
 PLUGIN_ARTIFACT_MANIFEST = "manifest.json"  # written next to a plugin by recipe=add_modality (its decoder pin)
@@ -106,7 +107,6 @@ def export_bundle(opts: ExportOptions):
     from autoglm_train.export.hf_dir import check_glm, write_hf_decoder
     from autoglm_train.export.progress import Steps
     from autoglm_train.model.chat_template import bundle_chat_template
-    from autoglm_train.model.hf_io import read_config
     from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, template_thinks
 
     src, out = Path(opts.decoder).resolve(), Path(opts.out).resolve()
