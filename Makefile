@@ -25,8 +25,8 @@ test-gguf: setup  ## install llama-cpp-python (compiles ~6 min) and run the expo
 	$(PY) -m pip install "llama-cpp-python>=0.3.9"
 	$(PY) -m pytest -q -m "slow or not slow" tests/test_export.py
 
-lint: setup  ## ruff lint + format check + the import layers (import-linter contract in pyproject.toml)
-	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(dir $(PY))lint-imports
+lint: setup  ## ruff lint + format check + the import layers (import-linter contract in pyproject.toml) + file/function sizes
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(dir $(PY))lint-imports && $(PY) scripts/size_check.py
 
 format:  ## apply ruff fixes and formatting
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .

@@ -204,8 +204,8 @@ def test_eval_tool_reports_perplexity_agreement_digits_and_wer(server, tmp_path,
     assert 1.0 <= metrics["text/perplexity"] < 100  # the memorised sentence is near-certain
     assert metrics["text/teacher_top1_agreement"] == 1.0  # the server against itself
     # the scores are the project's metrics over what the server answers to the same requests, one per item
-    from autoglm_train.eval.text_metrics import digit_accuracy, wer
     from autoglm_train.eval.client import DIGIT_PROMPT, SPEECH_PROMPT
+    from autoglm_train.eval.text_metrics import digit_accuracy, wer
 
     asker = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30)
 
