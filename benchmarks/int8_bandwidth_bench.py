@@ -186,8 +186,9 @@ def main() -> int:
         from results import write_section
 
         argv = " ".join(sys.argv[1:])
-        write_section("int8 where weights dominate", body, script=f"int8_bandwidth_bench.py {argv}".strip())
-        print("\nwrote the 'int8 where weights dominate' section of benchmarks/RESULTS.md")
+        title = f"int8 where weights dominate (torch threads: {args.threads.replace(',', ' and ')})"
+        write_section(title, body, script=f"int8_bandwidth_bench.py {argv}".strip())
+        print(f"\nwrote the '{title}' section of benchmarks/RESULTS.md")
     return 0 if met else 1
 
 
