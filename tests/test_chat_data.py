@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 from pathlib import Path
@@ -148,10 +149,10 @@ def test_tiny_distill_run_on_chat_trains_with_finite_loss(tmp_path):
         "data=chat",
         f"data.path={path}",
         "data.seq_len=48",
-        *shape[:0],
         *shape,
         "trainer.max_steps=3",
         "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
         "recipe.sample_max_new_tokens=4",
         f"paths.root_dir={tmp_path}",
@@ -164,6 +165,9 @@ def test_tiny_distill_run_on_chat_trains_with_finite_loss(tmp_path):
     assert summary["global_step"] == 3
     assert math.isfinite(summary["val/loss"]) and math.isfinite(summary["val/kl_to_teacher"])
     assert summary["data"]["train_blocks"] > 0 and summary["data"]["skipped_rows"]["documents"] == 12
+    metrics = next((tmp_path / "outputs" / "t" / "logs").glob("version_*/metrics.csv"))
+    losses = [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
+    assert losses and all(math.isfinite(x) for x in losses)
 
 
 def test_parquet_and_arrow_files_read_like_jsonl(tmp_path, student_tok):
@@ -195,3 +199,21 @@ def test_inline_thinking_is_split_by_the_thinking_owner():
     assert inline["messages"][1] == {"role": "assistant", "content": "A", "reasoning": "hm"}
     named = {"role": "assistant", "content": "A", "reasoning_content": "R", "reasoning": "S"}
     assert check_chat_row({"messages": [user, named]})["messages"][1]["reasoning"] == "R"
+
+
+def test_batches_carry_ids_mask_and_shifted_labels(tmp_path, student_tok):
+    import torch
+
+    from autoglm_train.data.chat_datamodule import ChatDataModule
+
+    path = _write(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
+    data = ChatDataModule(ChatDataSpec(path=str(path), seq_len=96, batch_size=2, val_fraction=0.0), student_tok)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert all(v.shape == (2, 96) and v.dtype == torch.int64 for v in batch.values())
+    ids, labels, mask = batch["input_ids"][0], batch["labels"][0], batch["attention_mask"][0]
+    n = int(mask.sum())
+    assert (labels[n - 1 :] == IGNORE_INDEX).all() and (ids[n:] == student_tok.pad_token_id).all()
+    targets = labels != IGNORE_INDEX
+    assert torch.equal(labels[:-1][targets[:-1]], ids[1:][targets[:-1]])  # labels[t] is the token at t + 1
