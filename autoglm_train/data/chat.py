@@ -123,7 +123,7 @@ def encode_conversation(
     """``(ids, is_target, prompt_len)`` of one conversation (untruncated); ``ids[:prompt_len]`` is the server's prompt.
 
     Args:
-        tokenizer: the student tokenizer.
+        tokenizer: the student tokenizer (a fast one: earlier assistant turns are found by character offsets).
         template: the bundle's chat template.
         messages: a checked conversation (:func:`~autoglm_train.data.chat_reader.check_chat_row`).
         thinking: render the last assistant turn's reasoning (if it has any) thinking-on.
