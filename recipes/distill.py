@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from autoglm_train.data.chat import ChatDataSpec
+from autoglm_train.data.chat_datamodule import ChatDataModule
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
 from autoglm_train.distill.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
@@ -49,8 +51,10 @@ def run(cfg: DictConfig) -> dict:
     _check_on_policy(cfg)
     tokenizer, base_vocab = _tokenizer(cfg, teacher_spec)
 
-    # 2. Data: tokenized, packed, split and cached.
-    data = TextDataModule(instantiate(cfg.data), tokenizer)
+    # 2. Data: text tokenized, packed, split and cached; or conversations (data=chat), assistant tokens as targets.
+    data_spec = instantiate(cfg.data)
+    chat = isinstance(data_spec, ChatDataSpec)
+    data = ChatDataModule(data_spec, tokenizer) if chat else TextDataModule(data_spec, tokenizer)
 
     # 3. Teacher (frozen) and the width both sides are compared on.
     teacher = load_teacher(teacher_spec, trainer.strategy.root_device)  # a GPU rank reads it onto its own GPU
@@ -58,6 +62,8 @@ def run(cfg: DictConfig) -> dict:
 
     # 3b. Optional offline teacher top-k: training then never runs the teacher.
     cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
+    if cache_spec.enabled and chat:
+        raise ConfigValueError("recipe.teacher_cache is for packed text; data=chat rows are scored live by the teacher")
     if cache_spec.enabled:
         _attach_topk_cache(cfg, cache_spec, teacher, teacher_spec.load_in_8bit, data, plan.kd_vocab_size, trainer)
 

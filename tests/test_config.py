@@ -22,6 +22,7 @@ REQUIRED = {
     ("teacher", "hf"): ["teacher.path=HuggingFaceTB/SmolLM2-135M-Instruct"],
     ("teacher", "gguf"): [],  # filled in below with the packaged GGUF file
     ("data", "local"): [f"data.source={REPO / 'tests'}"],
+    ("data", "chat"): [f"data.path={REPO / 'tests' / 'chat.jsonl'}"],  # instantiating reads nothing
     ("data_mm", "local"): [f"data_mm.source.path={REPO / 'tests' / 'pairs.jsonl'}"],
 }
 

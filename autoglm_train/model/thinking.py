@@ -39,6 +39,12 @@ def template_thinks(tokenizer, template: str | None = None) -> bool:
     return THINK_CLOSE in off and THINK_CLOSE not in on
 
 
+def thinking_answer(reasoning: str, answer: str) -> str:
+    """An assistant turn that thought, as the model writes it after the open generation prompt (Qwen3's layout):
+    ``<think>\\nreasoning\\n</think>\\n\\nanswer``; :func:`split_reasoning` gives back ``(reasoning, answer)``."""
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
 def prompt_opens_thinking(prompt_text: str) -> bool:
     """True when the rendered prompt itself ends inside an open think block (GLM-4.5/Qwen3 style templates)."""
     tail = prompt_text.rstrip()

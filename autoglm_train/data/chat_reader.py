@@ -1,0 +1,149 @@
+"""Read conversation rows (``messages`` in the OpenAI/HF form) and validate them one by one.
+
+A distilled assistant learns from conversations, and real conversation dumps hold broken rows (a role the
+template does not know, a ``content`` that is a list or null, no assistant turn at all). One bad row should cost
+one row, so the checks here raise the text reader's ``_BadRow`` and the rows go through its collector: a skipped
+row is counted and reported as ``file:row: kind: messages[i].field: detail`` exactly as a bad text row is, and
+``data.strict=true`` turns the first one into an error (:mod:`autoglm_train.data.reader`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from autoglm_train.data.reader import (
+    EMPTY_TEXT,
+    JSONL_SUFFIXES,
+    MISSING_FIELD,
+    PARQUET_SUFFIXES,
+    WRONG_TYPE,
+    Document,
+    ReadResult,
+    _BadRow,
+    _Collector,
+    _finish,
+    _read_jsonl,
+    _read_parquet,
+    looks_local,
+)
+from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, split_reasoning
+
+UNKNOWN_ROLE = "unknown_role"
+NO_ASSISTANT = "no_assistant"
+ROLES = ("system", "user", "assistant")
+REASONING_KEYS = ("reasoning_content", "reasoning")
+"""Where an assistant message may carry its thinking (OpenAI-compatible servers use both names)."""
+ARROW_SUFFIXES = (".arrow",)
+CHAT_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+
+
+def _check_turn(i: int, turn: object) -> dict[str, str]:
+    if not isinstance(turn, dict):
+        raise _BadRow(WRONG_TYPE, f"messages[{i}] must be an object, got {type(turn).__name__}")
+    role = turn.get("role")
+    if role not in ROLES:
+        raise _BadRow(UNKNOWN_ROLE, f"messages[{i}].role: unknown role {role!r} (expected one of {ROLES})")
+    content = turn.get("content")
+    if not isinstance(content, str):
+        raise _BadRow(WRONG_TYPE, f"messages[{i}].content must be a string, got {type(content).__name__}")
+    out = {"role": role, "content": content}
+    if role != "assistant":
+        return out
+    for key in REASONING_KEYS:
+        value = turn.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _BadRow(WRONG_TYPE, f"messages[{i}].{key} must be a string, got {type(value).__name__}")
+        if value and value.strip() and "reasoning" not in out:
+            out["reasoning"] = value.strip()
+    if THINK_CLOSE in content:  # thinking written inline: the owner's splitter takes it out of the content
+        reasoning, out["content"] = split_reasoning(content, in_reasoning=THINK_OPEN not in content)
+        if THINK_CLOSE in out["content"]:
+            raise _BadRow(WRONG_TYPE, f"messages[{i}].content: a {THINK_CLOSE} outside a leading think block")
+        if reasoning.strip() and "reasoning" not in out:
+            out["reasoning"] = reasoning.strip()
+    return out
+
+
+def check_chat_row(row: object, field: str = "messages") -> Document:
+    """One row → ``{"messages": [{"role", "content"[, "reasoning"]}, ...]}``; raises ``_BadRow`` naming the field."""
+    if not isinstance(row, dict):
+        raise _BadRow(WRONG_TYPE, f"row must be an object, got {type(row).__name__}")
+    messages = row.get(field)
+    if messages is None:
+        raise _BadRow(MISSING_FIELD, f"no {field!r} value")
+    if not isinstance(messages, list):
+        raise _BadRow(WRONG_TYPE, f"{field!r} must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise _BadRow(EMPTY_TEXT, f"{field!r} is empty")
+    turns = [_check_turn(i, turn) for i, turn in enumerate(messages)]
+    assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if not assistant:
+        raise _BadRow(NO_ASSISTANT, f"{field!r} has no assistant turn (nothing to learn from)")
+    last = turns[assistant[-1]]
+    if not last["content"].strip() and "reasoning" not in last:
+        raise _BadRow(EMPTY_TEXT, f"messages[{assistant[-1]}].content: the last assistant turn is empty")
+    return {"messages": turns}
+
+
+class _ChatCollector(_Collector):
+    """The text reader's collector, checking rows as conversations instead of text."""
+
+    def row(self, row: object, where: str, text_field: str) -> None:
+        try:
+            self.add(check_chat_row(row, text_field))
+        except _BadRow as bad:
+            self.skip(where, bad)
+
+
+def _local_files(root: Path) -> list[Path]:
+    if root.is_file():
+        if root.suffix.lower() not in CHAT_SUFFIXES:
+            raise ValueError(f"data.path={str(root)!r}: unsupported file type; use one of {CHAT_SUFFIXES}")
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in CHAT_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"data.path={str(root)!r} holds no {'/'.join(CHAT_SUFFIXES)} files")
+    return files
+
+
+def _read_rows(rows: Any, label: str, out: _Collector, field: str) -> None:
+    for number, row in enumerate(rows, 1):
+        out.row(row, f"{label}:{number}", field)
+
+
+def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", strict: bool = False) -> ReadResult:
+    """Read conversations from a local .jsonl/.parquet/.arrow file (or a directory of them) or a Hub dataset id.
+
+    Rows keep their source order (the thinking coin of a row is drawn from its position).
+    """
+    if looks_local(path) or Path(path).suffix.lower() in ARROW_SUFFIXES:
+        root = Path(path).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"data.path={path!r} does not exist")
+        out = _ChatCollector(path, strict)
+        for file in _local_files(root):
+            out.report.files += 1
+            suffix = file.suffix.lower()
+            if suffix in JSONL_SUFFIXES:
+                _read_jsonl(file, field, out)
+            elif suffix in PARQUET_SUFFIXES:
+                _read_parquet(file, field, out)
+            else:
+                import datasets
+
+                _read_rows(datasets.Dataset.from_file(str(file)), str(file), out, field)
+        return _finish(out)
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, split=hub_split)
+    except Exception as e:  # network, auth, missing split: all end the same way for the user
+        raise ConnectionError(
+            f"data.path={path!r} is not a local file, so it was looked up on the Hugging Face Hub "
+            f"(split={hub_split!r}) and could not be loaded: {e}"
+        ) from e
+    out = _ChatCollector(f"{path}[{hub_split}]", strict)
+    out.report.files = 1
+    _read_rows(dataset, f"{path}[{hub_split}]", out, field)
+    return _finish(out)
