@@ -20,7 +20,13 @@ from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
 from autoglm_train.distill.teacher_client import ServerTeacherSpec, TeacherServer
 from autoglm_train.distill.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
-from autoglm_train.distill.topk_cache import TopKCacheSpec, cache_dir_for, model_scorer, write_topk_cache
+from autoglm_train.distill.topk_cache import (
+    TopKCacheSpec,
+    cache_dir_for,
+    model_scorer,
+    wait_for_topk_cache,
+    write_topk_cache,
+)
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parameters
@@ -30,7 +36,7 @@ from autoglm_train.quant.qat import convert_qat
 from autoglm_train.tasks.distill_task import DistillTask
 from autoglm_train.tasks.sharding import gathered_student
 from autoglm_train.tasks.summary import write_summary
-from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format
+from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format, fault_tolerance
 from autoglm_train.utils.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -68,14 +74,14 @@ def run(cfg: DictConfig) -> dict:
     cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
     if remote:
         cache_spec = TopKCacheSpec(**{**cfg.recipe.teacher_cache, "enabled": True, "k": teacher_spec.top_k})
-        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, remote.teacher_id, server.score)
+        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, remote.teacher_id, server.score, trainer)
         server.close()
     elif cache_spec.enabled:
         if not teacher_spec.load_in_8bit:
             teacher.to(trainer.strategy.root_device)
         score = model_scorer(teacher, cache_spec, plan.kd_vocab_size)
         teacher_id = cfg.teacher.path + ("#int8" if teacher_spec.load_in_8bit else "")  # int8 teacher: its own top-k
-        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, teacher_id, score)
+        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, teacher_id, score, trainer)
 
     # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
     #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
@@ -172,8 +178,13 @@ def _check_teacher_shard(teacher_spec, trainer: L.Trainer) -> None:
         )
 
 
-def _attach_topk_cache(cfg: DictConfig, spec: TopKCacheSpec, data, kd_vocab: int, teacher_id: str, score) -> None:
-    """Score the train split with the teacher once (or reuse the cache of this teacher) and attach its top-k."""
+def _attach_topk_cache(
+    cfg: DictConfig, spec: TopKCacheSpec, data, kd_vocab: int, teacher_id: str, score, trainer: L.Trainer
+) -> None:
+    """Score the train split with the teacher once (or reuse the cache of this teacher) and attach its top-k.
+
+    Global rank 0 writes the cache; the other ranks (torchrun, srun) wait for it instead of asking the teacher again.
+    """
     data.setup("fit")
     cache_dir = cache_dir_for(
         Path(cfg.paths.cache_dir) / "teacher_topk",
@@ -182,7 +193,11 @@ def _attach_topk_cache(cfg: DictConfig, spec: TopKCacheSpec, data, kd_vocab: int
         spec.k,
         kd_vocab,
     )
-    data.attach_train_columns(write_topk_cache(score, data.data.train, cache_dir, spec, kd_vocab, teacher_id))
+    if trainer.global_rank == 0:
+        cache = write_topk_cache(score, data.data.train, cache_dir, spec, kd_vocab, teacher_id)
+    else:
+        cache = wait_for_topk_cache(cache_dir, fault_tolerance(cfg)["rendezvous_timeout_s"])
+    data.attach_train_columns(cache)
 
 
 def _student(cfg: DictConfig, trainer: L.Trainer, teacher, tokenizer, data, kd_vocab: int, qat):

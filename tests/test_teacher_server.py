@@ -157,6 +157,19 @@ def test_a_server_without_prompt_logprobs_is_refused():
     assert "without prompt log-probs" in _one_line(err)
 
 
+def test_decoder_flag_serves_any_causal_lm_directory(bundles, tmp_path, capsys):
+    from autoglm_train.serve.cli import config_from_args, parse_args
+
+    args = ["--decoder", str(bundles.text_only), "--no-auth", "--max-logprobs", "32"]
+    config = config_from_args(parse_args(args))
+    assert config.bundle == str(bundles.text_only) and config.max_logprobs == 32
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        config_from_args(parse_args(["--decoder", str(tmp_path), "--no-auth"]))
+    with pytest.raises(SystemExit):
+        parse_args(["--bundle", "a", "--decoder", "b"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 # --- the vLLM shape itself ------------------------------------------------------------------------------------------
 def test_vllm_answers_are_read_by_token_id_best_k_first():
     """vLLM adds the scored token to an entry when it is outside the top-k (k+1 entries); keys are token ids."""

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,28 @@ def _check_scores(ids: np.ndarray, logprobs: np.ndarray, shape: tuple, vocab_siz
             f"teacher top-k of block {first_block + int(where[0])} names token id {int(ids[tuple(where)])}, outside "
             f"the {vocab_size} ids the KD loss compares (a teacher with a larger vocabulary than the student's?)"
         )
+
+
+def wait_for_topk_cache(directory: str | Path, stall_timeout_s: float, poll_s: float = 1.0):
+    """The cache another process (global rank 0) is writing into ``directory``, once it is complete.
+
+    Every rank of a multi-process run needs the cache, one of them writes it: the others wait here as long as
+    shards keep appearing, so a teacher that takes hours is waited for. ``stall_timeout_s`` without a new shard is
+    an error: the writer died, or this rank does not see its filesystem.
+    """
+    directory = Path(directory)
+    shards, since = -1, time.monotonic()
+    while not (directory / META_FILE).is_file():
+        count = len(list(directory.glob("shard-*"))) if directory.is_dir() else 0
+        if count != shards:
+            shards, since = count, time.monotonic()
+        elif time.monotonic() - since > stall_timeout_s:
+            raise TimeoutError(
+                f"{directory}: no new teacher top-k shard for {stall_timeout_s:g} s while waiting for global rank 0 "
+                "to write the cache (did it fail? is this directory on a filesystem every rank shares?)"
+            )
+        time.sleep(poll_s)
+    return load_topk_cache(directory)
 
 
 def load_topk_cache(directory: str | Path):
