@@ -16,8 +16,10 @@ the k best are kept.
 Before any block is sent, :meth:`TeacherServer.preflight` refuses a wrong teacher with one line each: another
 tokenizer (a probe text's echoed ids differ from ours), another vocabulary (the range of token ids the server
 accepts), a ``top_k`` above the server's ``--max-logprobs`` (read from its 400 answer), a server that returns no
-prompt log-probs at all. The served model's name and a fingerprint of its answer to the probe go into the cache key
-and ``meta.json``, so a cache from another teacher is never reused.
+prompt log-probs at all. The served model's name (and vLLM's ``root``, the weights' path) and a fingerprint of its
+tokenizer and vocabulary go into the cache key and ``meta.json``, so a cache from another teacher is never reused.
+Not its answers: vLLM's log-probs vary in the last bits with the batch they ran in, and a key that moved with them
+would throw away a half-built cache after a restart; serve a retrained teacher under a new name.
 
 Requests run ``concurrency`` at a time on threads (httpx), retried with exponential backoff on 429, 5xx, timeouts
 and connection errors. A server that stays down fails the build with one line; shards already written stay, and the
@@ -112,7 +114,7 @@ class TeacherIdentity:
     vocab_size: int
     """Token ids the server accepts: 0 .. vocab_size - 1."""
     fingerprint: str
-    """sha256 of the model name, vocabulary, the probe's ids and the teacher's top-1 after each probe token."""
+    """sha256 of the served model's name and root, its vocabulary size and its token ids for the probe."""
 
     @property
     def teacher_id(self) -> str:
@@ -250,6 +252,8 @@ class TeacherServer:
             transport=transport,
         )
         self.model = spec.model
+        self.root = ""
+        """vLLM's ``root`` of the served model (the path or hub id its weights came from), when the server says."""
         self.stats = {"requests": 0, "retries": 0, "bytes_sent": 0, "bytes_received": 0, "tokens": 0}
         """What went over the wire (request bodies, response bodies) for how many block tokens."""
         self._lock = threading.Lock()
@@ -270,17 +274,19 @@ class TeacherServer:
     # --- checks before any heavy work ---------------------------------------------------------------------------
     def served_model(self) -> str:
         """The model name requests carry: ``spec.model`` if the server lists it, else the server's only model."""
-        listed = [card.get("id") for card in self._request("GET", "models").get("data", []) if isinstance(card, dict)]
+        cards = [card for card in self._request("GET", "models").get("data", []) if isinstance(card, dict)]
+        listed = [card.get("id") for card in cards]
         if self.spec.model:
             if listed and self.spec.model not in listed:
                 raise TeacherMismatchError(
-                    f"teacher server {self.url} serves {listed}, not teacher.model={self.model!r}"
+                    f"teacher server {self.url} serves {listed}, not teacher.model={self.spec.model!r}"
                 )
             self.model = self.spec.model
         elif len(listed) == 1:
             self.model = listed[0]
         else:
             raise ConfigValueError(f"teacher server {self.url} serves {listed or 'no model'}: set teacher.model")
+        self.root = next((str(card.get("root") or "") for card in cards if card.get("id") == self.model), "")
         return self.model
 
     def preflight(self, tokenizer, vocab_size: int) -> TeacherIdentity:
@@ -293,7 +299,7 @@ class TeacherServer:
         Raises:
             TeacherMismatchError: one line naming what differs.
         """
-        model = self.model or self.served_model()
+        model = self.served_model()
         ours = list(tokenizer(self.spec.probe)["input_ids"])
         k = self.spec.top_k
         try:
@@ -316,14 +322,14 @@ class TeacherServer:
                 f"first difference at token {at} (server {theirs[at : at + 3]}, ours {ours[at : at + 3]}); "
                 "the server's teacher is not the one this run distills from"
             )
-        top1 = parse_topk(choice, len(ours), 1)[0][:, 0].tolist()
+        parse_topk(choice, len(ours), k)  # the answer has k alternatives by id at every position
         served_vocab = self._vocab_size(model, vocab_size)
         if served_vocab < vocab_size:
             raise TeacherMismatchError(
                 f"teacher server {self.url} ({model}) accepts token ids 0..{served_vocab - 1}, but teacher.tokenizer "
                 f"has {vocab_size} tokens: another vocabulary"
             )
-        record = json.dumps([model, served_vocab, ours, top1])
+        record = json.dumps([model, self.root, served_vocab, ours])
         identity = TeacherIdentity(model, served_vocab, hashlib.sha256(record.encode()).hexdigest()[:16])
         log.info(
             "teacher server %s: model %s, %d token ids, probe tokenized alike (%d tokens), top-%d allowed, "
