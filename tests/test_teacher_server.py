@@ -125,6 +125,28 @@ def test_top_k_above_the_servers_max_logprobs_is_refused(micro_engine, bundles, 
     assert "teacher.top_k=8" in message and "max allowed: 4" in message and "--max-logprobs 8" in message
 
 
+def test_the_recipe_refuses_before_packing_any_data(micro_engine, bundles, tmp_path):
+    """``recipe=distill teacher=server`` against a server allowing 4 log-probs, k=8: one line, no data packed."""
+    from hydra import compose, initialize_config_dir
+
+    from recipes.distill import run
+
+    config = ServerConfig(bundle=str(bundles.text_only), no_auth=True, rate_limit=None, max_logprobs=4)
+    with running_server(create_app(config, micro_engine)) as url:
+        overrides = [
+            "recipe=distill",
+            "teacher=server",
+            f"teacher.url={url}/v1",
+            f"teacher.tokenizer={bundles.text_only}",
+        ]
+        overrides += ["recipe.teacher_cache.k=8", f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        with pytest.raises(Mismatch) as err:
+            run(cfg)
+    assert "teacher.top_k=8" in _one_line(err) and not (tmp_path / "cache").exists()
+
+
 def test_a_server_with_another_tokenizer_is_refused(bundles, student_tok, tmp_path):
     """Same weights and vocabulary size, two tokens' ids swapped: a tokenizer of another version or family."""
     decoder = tmp_path / "other-tokenizer"
