@@ -2,6 +2,8 @@
 
 Reads top to bottom: tokenizer + vocab preflight → data → teacher → student (+ QAT fake-quant) →
 task → fit (resumable) → save the student as a plain HF directory (+ its int8 form) → summary.
+``teacher=server``: the teacher runs on another machine behind an OpenAI-compatible endpoint; it is checked in
+step 1 (tokenizer, vocabulary, top-k allowance) and only fills the offline top-k cache in step 3b.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ from autoglm_train.data.chat import ChatDataSpec
 from autoglm_train.data.chat_datamodule import ChatDataModule
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.distill.teacher import load_teacher, load_teacher_tokenizer
+from autoglm_train.distill.teacher_client import ServerTeacherSpec, TeacherServer
 from autoglm_train.distill.teacher_init import StudentInitSpec, load_mapped, teacher_initialised
-from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, cache_dir_for
+from autoglm_train.distill.topk_cache import (
+    TopKCacheSpec,
+    cache_dir_for,
+    model_scorer,
+    wait_for_topk_cache,
+    write_topk_cache,
+)
 from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parameters
@@ -29,7 +38,7 @@ from autoglm_train.quant.qat import convert_qat
 from autoglm_train.tasks.distill_task import DistillTask
 from autoglm_train.tasks.sharding import gathered_student
 from autoglm_train.tasks.summary import write_summary
-from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format
+from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format, fault_tolerance
 from autoglm_train.utils.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -46,26 +55,42 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, [QATStartCallback(qat.start_step)] if qat else None)  # checks precision/hardware
 
     # 1. Tokenizer and vocabulary preflight (cheap; fails before the teacher is loaded).
+    #    A teacher server is asked here too: another tokenizer or vocabulary, or a top_k it cannot give, stops
+    #    the run with one line before any data is packed.
     teacher_spec = instantiate(cfg.teacher)
+    server = _connect(cfg, teacher_spec) if isinstance(teacher_spec, ServerTeacherSpec) else None
     _check_teacher_shard(teacher_spec, trainer)
     _check_on_policy(cfg)
-    tokenizer, base_vocab = _tokenizer(cfg, teacher_spec)
+    tokenizer, base_vocab = _tokenizer(cfg, teacher_spec, server)
+    remote = server.preflight(tokenizer, base_vocab) if server else None
 
     # 2. Data: text tokenized, packed, split and cached; or conversations (data=chat), assistant tokens as targets.
     data_spec = instantiate(cfg.data)
     chat = isinstance(data_spec, ChatDataSpec)
     data = ChatDataModule(data_spec, tokenizer) if chat else TextDataModule(data_spec, tokenizer)
 
-    # 3. Teacher (frozen) and the width both sides are compared on.
-    teacher = load_teacher(teacher_spec, trainer.strategy.root_device)  # a GPU rank reads it onto its own GPU
-    plan = plan_vocab(teacher.get_output_embeddings().weight.shape[0], base_vocab, tokenizer)
+    # 3. Teacher (frozen) and the width both sides are compared on; a teacher server stays where it is.
+    teacher = None if remote else load_teacher(teacher_spec, trainer.strategy.root_device)  # onto the rank's GPU
+    rows = remote.vocab_size if remote else teacher.get_output_embeddings().weight.shape[0]
+    plan = plan_vocab(rows, base_vocab, tokenizer)
 
-    # 3b. Optional offline teacher top-k: training then never runs the teacher.
+    # 3b. Offline teacher top-k (always, for a teacher server): training then never runs the teacher.
     cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
-    if cache_spec.enabled and chat:
-        raise ConfigValueError("recipe.teacher_cache is for packed text; data=chat rows are scored live by the teacher")
-    if cache_spec.enabled:
-        _attach_topk_cache(cfg, cache_spec, teacher, teacher_spec.load_in_8bit, data, plan.kd_vocab_size, trainer)
+    if (cache_spec.enabled or remote) and chat:
+        raise ConfigValueError(
+            "recipe.teacher_cache (and teacher=server, which builds it) is for packed text; data=chat rows are scored "
+            "live by an in-process teacher"
+        )
+    if remote:
+        cache_spec = TopKCacheSpec(**{**cfg.recipe.teacher_cache, "enabled": True, "k": teacher_spec.top_k})
+        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, remote.teacher_id, server.score, trainer)
+        server.close()
+    elif cache_spec.enabled:
+        if not teacher_spec.load_in_8bit:
+            teacher.to(trainer.strategy.root_device)
+        score = model_scorer(teacher, cache_spec, plan.kd_vocab_size)
+        teacher_id = cfg.teacher.path + ("#int8" if teacher_spec.load_in_8bit else "")  # int8 teacher: its own top-k
+        _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, teacher_id, score, trainer)
 
     # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
     #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
@@ -81,7 +106,7 @@ def run(cfg: DictConfig) -> dict:
         instantiate(cfg.optim.optimizer),
         instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         plan.kd_vocab_size,
-        shard_teacher=teacher_spec.shard,
+        shard_teacher=teacher is not None and teacher_spec.shard,
         seed=cfg.seed,
     )
     ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg), formats={checkpoint_format(trainer)})
@@ -106,7 +131,7 @@ def run(cfg: DictConfig) -> dict:
         "student_dir": str(student_dir),
         "student_params": count_parameters(final),
         "student_init": init_summary,
-        "teacher": cfg.teacher.path,
+        "teacher": remote.teacher_id if remote else cfg.teacher.path,
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
         "data": {**data.stats, "skipped_rows": data.report.to_dict()},
@@ -139,8 +164,23 @@ def _teacher_init(
     return spec, mapped, {"init": "teacher", "layer_score": init.layer_score, "layers": sel.layers, **sel.scores}
 
 
+def _connect(cfg: DictConfig, spec: ServerTeacherSpec) -> TeacherServer:
+    """The teacher server's client, after the settings a teacher outside this process cannot serve are refused."""
+    lmbda = float(cfg.loss.get("lmbda", 0.0))
+    if lmbda > 0:
+        raise ConfigValueError(
+            f"loss.lmbda={lmbda} with teacher=server: on-policy batches need the teacher in this process to score "
+            "the student's samples; the server only fills the top-k cache"
+        )
+    if cfg.get("student") and cfg.student.get("init") == "teacher":
+        raise ConfigValueError("student.init=teacher needs the teacher's weights in this process, not teacher=server")
+    server = TeacherServer(spec)
+    server.served_model()
+    return server
+
+
 def _check_teacher_shard(teacher_spec, trainer: L.Trainer) -> None:
-    if teacher_spec.shard and not getattr(trainer.strategy, "zero_stage_3", False):
+    if getattr(teacher_spec, "shard", False) and not getattr(trainer.strategy, "zero_stage_3", False):
         raise ConfigValueError(
             "teacher.shard=true partitions the teacher with DeepSpeed ZeRO-3: it needs trainer=deepspeed_zero3 "
             f"(this run: {_strategy_name(trainer)})"
@@ -148,20 +188,25 @@ def _check_teacher_shard(teacher_spec, trainer: L.Trainer) -> None:
 
 
 def _attach_topk_cache(
-    cfg: DictConfig, spec: TopKCacheSpec, teacher, int8: bool, data, kd_vocab: int, trainer: L.Trainer
+    cfg: DictConfig, spec: TopKCacheSpec, data, kd_vocab: int, teacher_id: str, score, trainer: L.Trainer
 ) -> None:
-    """Score the train split with the teacher once (or reuse the cache) and attach its top-k columns."""
-    if not int8:
-        teacher.to(trainer.strategy.root_device)
+    """Score the train split with the teacher once (or reuse the cache of this teacher) and attach its top-k.
+
+    Global rank 0 writes the cache; the other ranks (torchrun, srun) wait for it instead of asking the teacher again.
+    """
     data.setup("fit")
     cache_dir = cache_dir_for(
         Path(cfg.paths.cache_dir) / "teacher_topk",
-        cfg.teacher.path + ("#int8" if int8 else ""),  # int8 teacher: its own top-k
+        teacher_id,
         f"{data.data.cache_path.name}:{len(data.data.train)}",
         spec.k,
         kd_vocab,
     )
-    data.attach_train_columns(build_topk_cache(teacher, data.data.train, cache_dir, spec, kd_vocab))
+    if trainer.global_rank == 0:
+        cache = write_topk_cache(score, data.data.train, cache_dir, spec, kd_vocab, teacher_id)
+    else:
+        cache = wait_for_topk_cache(cache_dir, fault_tolerance(cfg)["rendezvous_timeout_s"])
+    data.attach_train_columns(cache)
 
 
 def _student(cfg: DictConfig, trainer: L.Trainer, teacher, tokenizer, data, kd_vocab: int, qat):
@@ -222,12 +267,15 @@ def _strategy_name(trainer: L.Trainer) -> str:
     return name
 
 
-def _tokenizer(cfg: DictConfig, teacher_spec):
+def _tokenizer(cfg: DictConfig, teacher_spec, server: TeacherServer | None = None):
     """(the student's tokenizer: the teacher's or ``recipe.student_tokenizer``, + reserved tokens; the teacher's
-    vocabulary size)."""
+    vocabulary size). A teacher server's tokenizer is ``teacher.tokenizer``, else its served model's name."""
     from transformers import AutoTokenizer
 
-    teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
+    if server is not None:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_spec.tokenizer or server.model)
+    else:
+        teacher_tokenizer = load_teacher_tokenizer(teacher_spec)
     base_vocab = len(teacher_tokenizer)  # before student_tokenizer, which may add the reserved tokens to it
     own = cfg.recipe.student_tokenizer
     return student_tokenizer(teacher_tokenizer, AutoTokenizer.from_pretrained(own) if own else None), base_vocab

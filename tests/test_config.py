@@ -21,6 +21,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.y
 REQUIRED = {
     ("teacher", "hf"): ["teacher.path=HuggingFaceTB/SmolLM2-135M-Instruct"],
     ("teacher", "gguf"): [],  # filled in below with the packaged GGUF file
+    ("teacher", "server"): ["teacher.url=http://127.0.0.1:8000/v1"],  # no request is sent when it is built
     ("data", "local"): [f"data.source={REPO / 'tests'}"],
     ("data", "chat"): [f"data.path={REPO / 'tests' / 'chat.jsonl'}"],  # instantiating reads nothing
     ("data_mm", "local"): [f"data_mm.source.path={REPO / 'tests' / 'pairs.jsonl'}"],

@@ -86,3 +86,21 @@ def test_distilling_from_the_cache_lowers_the_kd_loss(tmp_path):
         opt.step()
         values.append(float(out.kd_loss))
     assert values[-1] < 0.6 * values[0]
+
+
+def test_other_ranks_wait_for_the_cache_rank_0_writes(tmp_path):
+    import threading
+
+    import pytest
+
+    from autoglm_train.distill.topk_cache import wait_for_topk_cache
+
+    teacher, train = _teacher(), _blocks()
+    spec = TopKCacheSpec(enabled=True, k=8, shard_blocks=4)
+    with pytest.raises(TimeoutError, match="global rank 0"):  # nothing appears: the writer is gone
+        wait_for_topk_cache(tmp_path / "c", stall_timeout_s=0.3, poll_s=0.05)
+    writer = threading.Thread(target=build_topk_cache, args=(teacher, train, tmp_path / "c", spec, VOCAB))
+    writer.start()
+    got = wait_for_topk_cache(tmp_path / "c", stall_timeout_s=60, poll_s=0.05).with_format("numpy")[:]
+    writer.join()
+    assert np.array_equal(got["topk_ids"], load_topk_cache(tmp_path / "c").with_format("numpy")[:]["topk_ids"])

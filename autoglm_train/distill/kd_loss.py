@@ -111,6 +111,7 @@ class KDLoss(nn.Module):
         teacher_topk: tuple[Tensor, Tensor] | None = None,
         vocab_size: int | None = None,
         with_ce: bool = True,
+        with_kd: bool = True,
     ) -> KDLossOutput:
         """Loss from hidden states.
 
@@ -125,8 +126,10 @@ class KDLoss(nn.Module):
                 all of them (teacher and student widths must then be equal).
             with_ce: False on on-policy batches, whose "labels" are the student's own samples: the loss is then
                 ``kd_ratio·τ²·mean(D)`` alone (``ce_loss`` is still reported).
+            with_kd: False when no teacher signal is expected (validation of a run whose teacher is a server: its
+                top-k was cached for the training blocks only); the KD term is then 0 and ``ce_loss`` is the metric.
         """
-        mode = self._mode(student_hidden, labels, teacher_hidden, teacher_head, teacher_topk)
+        mode = self._mode(student_hidden, labels, teacher_hidden, teacher_head, teacher_topk, with_kd)
         flat_labels = labels.reshape(-1)
         # nonzero() syncs with the device once; it buys never touching ignored positions again.
         idx = (flat_labels != self.ignore_index).nonzero().squeeze(1)
@@ -203,6 +206,7 @@ class KDLoss(nn.Module):
         teacher_hidden: Tensor | None,
         teacher_head: Head | None,
         teacher_topk: tuple[Tensor, Tensor] | None,
+        with_kd: bool = True,
     ) -> str:
         """Check the inputs and say which teacher signal is used: "full", "topk" or "none"."""
         bt = tuple(student_hidden.shape[:2])
@@ -231,7 +235,7 @@ class KDLoss(nn.Module):
                     f"loss.kind={self.kind!r} is not implemented for a top-k teacher; use one of {list(TOPK_KINDS)}"
                 )
             return "topk"
-        if self.kd_ratio > 0:
+        if self.kd_ratio > 0 and with_kd:
             raise ValueError(
                 f"loss.kd_ratio={self.kd_ratio} > 0 needs a teacher: pass teacher_hidden+teacher_head or teacher_topk"
             )

@@ -3,7 +3,9 @@
 Per token we keep the teacher's ``k`` largest log-probs (float16) and their ids (uint16
 when the vocabulary fits, else int32): at k=32 that is 128 bytes/token for a <65,536-token
 vocabulary, 192 otherwise. Written shard by shard (each one renamed into place when
-complete), so a killed build resumes where it stopped.
+complete), so a killed build resumes where it stopped. One writer for every teacher: the model in this process
+(:func:`model_scorer`) or a teacher behind an OpenAI-compatible server (:mod:`.teacher_client`) only supply a
+:data:`Scorer`; the shards, their order and ``meta.json`` (which names the teacher) are written here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,22 +58,58 @@ def bytes_per_token(k: int, vocab: int) -> int:
     return k * (2 + (2 if vocab <= np.iinfo(np.uint16).max + 1 else 4))
 
 
-@torch.no_grad()
-def build_topk_cache(teacher: nn.Module, train, directory: str | Path, spec: TopKCacheSpec, vocab_size: int):
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""``input_ids [n, T]`` → (top-k ids [n, T, k], their log-probs [n, T, k]): position t holds the teacher's top-k
+over the token after t, given tokens ≤ t (the logits at t, as the loss reads them against ``labels[t]``)."""
+
+
+def build_topk_cache(
+    teacher: nn.Module, train, directory: str | Path, spec: TopKCacheSpec, vocab_size: int, teacher_id: str = ""
+):
     """Teacher top-k log-probs for every block of ``train``; returns the cache as a ``datasets.Dataset``.
 
     Shards already on disk are kept (resume); the finished cache is reused as is.
+    """
+    return write_topk_cache(model_scorer(teacher, spec, vocab_size), train, directory, spec, vocab_size, teacher_id)
+
+
+def model_scorer(teacher: nn.Module, spec: TopKCacheSpec, vocab_size: int) -> Scorer:
+    """The in-process teacher as a :data:`Scorer`: ``spec.batch_size`` blocks per forward, log_softmax in float32
+    over the first ``vocab_size`` columns."""
+    backbone = getattr(teacher, teacher.base_model_prefix)
+    head = teacher.get_output_embeddings()
+    device = next(teacher.parameters()).device
+
+    @torch.no_grad()
+    def score(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, logprobs = [], []
+        for s in range(0, len(blocks), spec.batch_size):
+            input_ids = torch.as_tensor(blocks[s : s + spec.batch_size])
+            hidden = backbone(input_ids=input_ids.to(device)).last_hidden_state
+            logits = head(hidden).float()[..., :vocab_size]
+            top = torch.log_softmax(logits, dim=-1).topk(spec.k, dim=-1)
+            ids.append(top.indices.cpu().numpy())
+            logprobs.append(top.values.cpu().numpy())
+        return np.concatenate(ids), np.concatenate(logprobs)
+
+    return score
+
+
+def write_topk_cache(score: Scorer, train, directory: str | Path, spec: TopKCacheSpec, vocab_size: int, teacher_id=""):
+    """The one writer of the cache format: ``score`` each shard's blocks, store, rename the shard into place.
+
+    Any teacher goes through here (in process, or a server: :mod:`.teacher_client`), so a build killed anywhere
+    — or a teacher server that dies — resumes at the first missing shard. ``teacher_id`` names the teacher in
+    ``meta.json``; a finished cache of another teacher in ``directory`` is refused, never reused.
     """
     import datasets
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    _check_same_teacher(directory, teacher_id)
     n = len(train)
     shards = [(start, min(start + spec.shard_blocks, n)) for start in range(0, n, spec.shard_blocks)]
     id_dtype = "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
-    backbone = getattr(teacher, teacher.base_model_prefix)
-    head = teacher.get_output_embeddings()
-    device = next(teacher.parameters()).device
     seq_len = len(train[0]["input_ids"])
     features = datasets.Features(
         {
@@ -83,17 +123,10 @@ def build_topk_cache(teacher: nn.Module, train, directory: str | Path, spec: Top
         if target.is_dir():
             done += 1
             continue
-        ids, logprobs = [], []
-        for s in range(start, stop, spec.batch_size):
-            input_ids = torch.as_tensor(np.asarray(train[s : min(s + spec.batch_size, stop)]["input_ids"]))
-            hidden = backbone(input_ids=input_ids.to(device)).last_hidden_state
-            logits = head(hidden).float()[..., :vocab_size]
-            top = torch.log_softmax(logits, dim=-1).topk(spec.k, dim=-1)
-            ids.append(top.indices.cpu().numpy().astype(id_dtype))
-            logprobs.append(top.values.cpu().numpy().astype(np.float16))
+        ids, logprobs = score(np.asarray(train[start:stop]["input_ids"]))
+        _check_scores(ids, logprobs, (stop - start, seq_len, spec.k), vocab_size, start)
         shard = datasets.Dataset.from_dict(
-            {"topk_ids": np.concatenate(ids), "topk_logprobs": np.concatenate(logprobs)},
-            features=features,
+            {"topk_ids": ids.astype(id_dtype), "topk_logprobs": logprobs.astype(np.float16)}, features=features
         )
         tmp = directory / f".shard-{index:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +137,7 @@ def build_topk_cache(teacher: nn.Module, train, directory: str | Path, spec: Top
         log.info("teacher top-k cache: %d of %d shards reused from %s", done, len(shards), directory)
     meta = {
         "format": FORMAT,
+        "teacher": teacher_id,
         "k": spec.k,
         "blocks": n,
         "shards": len(shards),
@@ -111,6 +145,49 @@ def build_topk_cache(teacher: nn.Module, train, directory: str | Path, spec: Top
         "bytes_per_token": bytes_per_token(spec.k, vocab_size),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    return load_topk_cache(directory)
+
+
+def _check_same_teacher(directory: Path, teacher_id: str) -> None:
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        return
+    recorded = json.loads(meta_path.read_text()).get("teacher", "")
+    if recorded and teacher_id and recorded != teacher_id:
+        raise ValueError(f"{directory}: top-k cache of teacher {recorded!r}, not {teacher_id!r}; refusing to reuse it")
+
+
+def _check_scores(ids: np.ndarray, logprobs: np.ndarray, shape: tuple, vocab_size: int, first_block: int) -> None:
+    """A scorer's answer must be [blocks, T, k] and name ids the KD loss compares (< ``vocab_size``)."""
+    if ids.shape != shape or logprobs.shape != shape:
+        raise ValueError(f"teacher top-k of shape {ids.shape} / {logprobs.shape}; expected {shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        where = np.argwhere((ids < 0) | (ids >= vocab_size))[0]
+        raise ValueError(
+            f"teacher top-k of block {first_block + int(where[0])} names token id {int(ids[tuple(where)])}, outside "
+            f"the {vocab_size} ids the KD loss compares (a teacher with a larger vocabulary than the student's?)"
+        )
+
+
+def wait_for_topk_cache(directory: str | Path, stall_timeout_s: float, poll_s: float = 1.0):
+    """The cache another process (global rank 0) is writing into ``directory``, once it is complete.
+
+    Every rank of a multi-process run needs the cache, one of them writes it: the others wait here as long as
+    shards keep appearing, so a teacher that takes hours is waited for. ``stall_timeout_s`` without a new shard is
+    an error: the writer died, or this rank does not see its filesystem.
+    """
+    directory = Path(directory)
+    shards, since = -1, time.monotonic()
+    while not (directory / META_FILE).is_file():
+        count = len(list(directory.glob("shard-*"))) if directory.is_dir() else 0
+        if count != shards:
+            shards, since = count, time.monotonic()
+        elif time.monotonic() - since > stall_timeout_s:
+            raise TimeoutError(
+                f"{directory}: no new teacher top-k shard for {stall_timeout_s:g} s while waiting for global rank 0 "
+                "to write the cache (did it fail? is this directory on a filesystem every rank shares?)"
+            )
+        time.sleep(poll_s)
     return load_topk_cache(directory)
 
 

@@ -2,7 +2,8 @@
 
 Requests in, tokens out: a bundle (or modules in memory) is loaded (:mod:`.loading`), its plugins routed by
 modality and built on first use (:mod:`.plugins`), every running sequence decoded together over a KV cache
-(:mod:`.scheduler`, :mod:`.runner`), sampled (:mod:`.sampling`) and detokenized (:mod:`.detokenize`).
+(:mod:`.scheduler`, :mod:`.runner`), sampled (:mod:`.sampling`) and detokenized (:mod:`.detokenize`); prompts that
+only want their log-probs (a distillation teacher's top-k) are scored together in one forward (:mod:`.prompt_logprobs`).
 It imports no web framework and raises its own exceptions (:mod:`.errors`); the HTTP layer
 (``autoglm_train.serve``) maps them to status codes, as vLLM's engine knows nothing of its entrypoints.
 """

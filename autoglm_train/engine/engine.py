@@ -104,6 +104,7 @@ class Engine:
             loaded.eos_ids,
             loaded.vocab_limit,
             max_batch,
+            score=self.runner.score,
         )
 
     # --- facts for requests, logs, /health and /metrics ----------------------------------

@@ -1,4 +1,5 @@
-"""The engine's forward passes: prefill one prompt (plugins fused), decode one step of the whole batch.
+"""The engine's forward passes: prefill one prompt (plugins fused), decode one step of the whole batch, score
+text prompts together (no cache).
 
 The scheduler calls these under the engine's lock. Logits come from the decoder body plus the engine's
 vocabulary head (:mod:`.head`), never from the decoder's own forward, so every caller of the engine
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from autoglm_train.engine.head import body_of, vocab_head
+from autoglm_train.engine.prompt_logprobs import batched_logits
 from autoglm_train.engine.scheduler import Prompt
 from autoglm_train.model.modular import ModularLM
 
@@ -39,6 +41,10 @@ class ModelRunner:
         out = self._body(inputs_embeds=embeds, use_cache=True)
         hidden = out.last_hidden_state
         return self._head(hidden if all_logits else hidden[:, -1:]), _cache_of(out)
+
+    def score(self, prompts: list[Prompt]) -> list[torch.Tensor]:
+        """Text prompts' logits [T_i, V] each, batched, no cache (:mod:`.prompt_logprobs`)."""
+        return batched_logits(self._body, self._head, [prompt.ids for prompt in prompts], self.device)
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any):
         """One token for every running row (left-padded ``mask``, per-row ``positions``)."""

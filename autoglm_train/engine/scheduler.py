@@ -5,7 +5,9 @@ Every generation — a server request, each of its ``n`` choices, each prompt of
 :class:`Sequence` submitted here. One thread runs the loop:
 
 1. admit waiting sequences: each is prefilled alone (token ids, or plugin-fused input embeddings
-   for a prompt with media), its first token sampled, and its KV rows merged into the batch;
+   for a prompt with media), its first token sampled, and its KV rows merged into the batch. Text prompts
+   asking for prompt log-probs that end at their first token (``max_tokens`` 0 or 1: a teacher's top-k)
+   run together as one batch without a cache instead (:mod:`.prompt_logprobs`);
 2. one batched decode step for every running sequence (left-padded cache, per-row positions);
 3. sample each row with its own :class:`~.sampling.Sampler`, release text, drop rows that ended
    (EOS, stop string, ``max_tokens``, cancelled); a new request joins at the next step.
@@ -32,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from autoglm_train.engine.detokenize import IncrementalDecoder, TextAssembler
-from autoglm_train.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from autoglm_train.engine.prompt_logprobs import PromptScores, prompt_scores
+from autoglm_train.engine.sampling import Sampler, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,6 @@ class Prompt:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Plugin name → its preprocessed batch (one item)."""
     text: str | None = None
-
-
-@dataclass
-class PromptScores:
-    """Logprobs of the prompt's own tokens (the first has none: nothing precedes it)."""
-
-    logprobs: list[TokenLogprob | None]
 
 
 @dataclass
@@ -96,6 +92,8 @@ class Scheduler:
         eos_ids: tokens that end a generation.
         vocab_limit: tokens beyond this (embedding padding) are never sampled.
         max_batch: sequences decoded together at most; more wait for a free row.
+        score: ``(prompts) -> logits [T_i, V] each`` for text prompts that need no cache (one batched forward);
+            None prefills them one by one like any other.
     """
 
     def __init__(
@@ -108,8 +106,9 @@ class Scheduler:
         eos_ids: set[int],
         vocab_limit: int,
         max_batch: int = 64,
+        score: Callable[[list[Prompt]], list[torch.Tensor]] | None = None,
     ) -> None:
-        self._prefill, self._decode, self._new_cache = prefill, decode, new_cache
+        self._prefill, self._decode, self._new_cache, self._score = prefill, decode, new_cache, score
         self.lock = lock
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -119,6 +118,8 @@ class Scheduler:
         """Batched decode forward passes so far; shows that a cancelled generation stopped."""
         self.peak_batch = 0
         """The most sequences ever decoded in one step (evidence that requests were batched)."""
+        self.peak_scored = 0
+        """The most prompts ever scored in one batched forward (:meth:`_score_together`)."""
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cache: Any = None
@@ -191,6 +192,10 @@ class Scheduler:
 
     @torch.inference_mode()
     def _step(self, admitted: list[Sequence]) -> None:
+        short = self._score_only(admitted)
+        if short:
+            self._score_together(short)
+            admitted = [seq for seq in admitted if all(seq is not other for other in short)]
         joined = []
         for seq in admitted:
             row = self._start(seq)
@@ -223,31 +228,57 @@ class Scheduler:
         if len(keep) < batch:
             self._select(keep)
 
+    def _score_only(self, admitted: list[Sequence]) -> list[Sequence]:
+        """The admitted text prompts asking for prompt log-probs that end at their first token: no cache, no decode."""
+        if self._score is None:
+            return []
+        return [
+            s
+            for s in admitted
+            if s.params.prompt_logprobs is not None
+            and s.params.max_tokens <= 1
+            and not s.prompt.inputs
+            and not s.cancel.is_set()
+        ]
+
+    def _score_together(self, sequences: list[Sequence]) -> None:
+        """One batched forward for ``sequences`` (:meth:`_score_only`), then each one's scores and token."""
+        self.peak_scored = max(self.peak_scored, len(sequences))
+        try:
+            with self.lock:
+                logits = self._score([seq.prompt for seq in sequences])
+        except Exception as err:
+            for seq in sequences:
+                seq.emit(err)  # type: ignore[arg-type]
+            return
+        for seq, rows in zip(sequences, logits, strict=True):
+            self._first_token(seq, rows[None])
+
     def _start(self, seq: Sequence) -> tuple[Sequence, Any] | None:
         """Prefill one sequence and sample its first token; its cache when it goes on, else None."""
         if seq.cancel.is_set():
             seq.emit(Delta(finish_reason="cancelled"))
             return None
-        params = seq.params
         try:
             with self.lock:
-                logits, cache = self._prefill(seq.prompt, params.prompt_logprobs is not None)
+                logits, cache = self._prefill(seq.prompt, seq.params.prompt_logprobs is not None)
         except Exception as err:
             seq.emit(err)  # type: ignore[arg-type]
             return None
+        return (seq, cache) if self._first_token(seq, logits) else None
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """From the prompt's logits [1, T or 1, V]: its scores when asked, then the first token; True if it goes on."""
+        params = seq.params
         if params.prompt_logprobs is not None:
-            ids = torch.tensor(seq.prompt.ids, device=logits.device)
-            scored = token_logprobs(logits[0, :-1].float(), ids[1:], params.prompt_logprobs) if len(ids) > 1 else []
-            seq.emit(PromptScores([None, *scored]))
+            seq.emit(prompt_scores(logits[0], seq.prompt.ids, params.prompt_logprobs, self.vocab_limit))
         if params.max_tokens == 0:
             seq.emit(Delta(finish_reason="length"))
-            return None
+            return False
         seq.sampler = Sampler(params, self.vocab_limit)
         seq.text = TextAssembler(IncrementalDecoder(self.tokenizer, seq.prompt.ids), params.stop)
         seq.position = len(seq.prompt.ids)
-        if self._advance(seq, logits[0, -1].float()):
-            return None
-        return seq, cache
+        return not self._advance(seq, logits[0, -1].float())
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, argmax: int | None = None) -> bool:
         """Sample the next token of ``seq`` and release its text; True when the sequence has ended."""

@@ -1,4 +1,4 @@
-"""``python -m autoglm_train.serve --bundle DIR ...`` (see ``--help``)."""
+"""``python -m autoglm_train.serve --bundle DIR | --decoder HF_DIR ...`` (see ``--help``)."""
 
 from autoglm_train.serve.cli import main
 

@@ -1,4 +1,7 @@
-"""``python -m autoglm_train.serve --bundle DIR [--host H --port P --api-key KEY --quantize int8 ...]``.
+"""``python -m autoglm_train.serve --bundle DIR | --decoder HF_DIR [--host H --port P --api-key KEY ...]``.
+
+``--bundle`` serves an exported bundle (decoder + plugins); ``--decoder`` any causal LM directory, e.g. a
+distillation teacher whose prompt log-probs by token id (``--max-logprobs``) fill the student's top-k cache.
 
 Loads the bundle, logs which module sits where, starts uvicorn, and logs one ready line with the
 URL once the socket accepts connections.
@@ -24,7 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m autoglm_train.serve",
         description="OpenAI-compatible server (/v1/models, /v1/chat/completions, /v1/completions) for a bundle.",
     )
-    p.add_argument("--bundle", required=True, help="bundle dir (tools/export output) or a plain HF decoder dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="bundle dir (tools/export output: manifest.json, decoder/, plugins/)")
+    source.add_argument(
+        "--decoder",
+        help="any causal LM directory (config.json + weights + tokenizer), no bundle needed: e.g. a distillation "
+        "teacher answering prompt log-probs by token id",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -48,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the decoder's context)")
     p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
     p.add_argument("--max-concurrency", type=int, default=16, help="generations in progress at once")
+    p.add_argument(
+        "--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs a completion may ask for"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--verify-checksums", action="store_true", help="check bundle files against manifest sha256 first")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -55,12 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.decoder and not (Path(args.decoder).expanduser() / "config.json").is_file():
+        raise ValueError(f"--decoder {args.decoder}: no config.json there (a causal LM directory; bundles: --bundle)")
     keys = list(args.api_key)
     keys += [k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip()]
     if args.api_key_file:
         keys += [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
     return ServerConfig(
-        bundle=args.bundle,
+        bundle=args.bundle or args.decoder,
         host=args.host,
         port=args.port,
         api_keys=keys,
@@ -74,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len,
         max_tokens_cap=args.max_tokens,
         max_concurrency=args.max_concurrency,
+        max_logprobs=args.max_logprobs,
         threads=args.threads,
         verify_checksums=args.verify_checksums,
     )

@@ -2,6 +2,9 @@
 
 ``echo=true, max_tokens=0, logprobs=k`` returns the log-probability of every prompt token,
 which is what lm-evaluation-harness's ``local-completions`` model and perplexity evaluation use.
+A distillation teacher is asked the way vLLM is (:mod:`autoglm_train.distill.teacher_client`): token ids in,
+``echo`` + ``logprobs=k`` + ``max_tokens=1`` + ``return_tokens_as_token_ids`` (alternatives keyed ``token_id:N``),
+or vLLM's ``prompt_logprobs`` field; ``k`` above ``--max-logprobs`` is refused with vLLM's wording.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class CompletionJob:
     echo: bool
     logprobs: int | None
     include_usage: bool
+    prompt_logprobs: int | None = None
+    """vLLM's ``prompt_logprobs`` field was asked for: answer it in each choice."""
+    as_ids: bool = False
+    """``return_tokens_as_token_ids``: tokens named ``token_id:N`` instead of their text."""
     start: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -42,6 +49,7 @@ class CompletionJob:
 def prepare_completion(state: ServerState, body: CompletionRequest, start: float) -> CompletionJob:
     """Tokenize and bound every prompt (blocking: run it off the loop)."""
     engine = state.engine
+    _check_logprobs(state, body)
     raw = body.prompt
     if isinstance(raw, str) or isinstance(raw[0], int):
         raw = [raw]  # one prompt: text or token ids
@@ -69,7 +77,9 @@ def prepare_completion(state: ServerState, body: CompletionRequest, start: float
                 )
             ids, text = list(item), engine.tokenizer.decode(item, clean_up_tokenization_spaces=False)
         max_tokens = bound_tokens(state, len(ids), body.max_tokens, where, "prompt")
-        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        prompt_logprobs = body.prompt_logprobs
+        if prompt_logprobs is None and body.echo:
+            prompt_logprobs = body.logprobs
         prompts.append(Prompt(ids=ids, text=text))
         params.append(sampling_params(state, body, max_tokens, body.logprobs, prompt_logprobs))
     return CompletionJob(
@@ -79,8 +89,25 @@ def prepare_completion(state: ServerState, body: CompletionRequest, start: float
         echo=body.echo,
         logprobs=body.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        prompt_logprobs=body.prompt_logprobs,
+        as_ids=body.return_tokens_as_token_ids,
         start=start,
     )
+
+
+def _check_logprobs(state: ServerState, body: CompletionRequest) -> None:
+    """``logprobs`` / ``prompt_logprobs`` up to ``--max-logprobs``; above it a 400 worded as vLLM's, which a teacher
+    client recognises."""
+    cap = state.config.max_logprobs
+    for param, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+        value = getattr(body, param)
+        if value is not None and value > cap:
+            raise APIError(
+                400,
+                f"Requested {kind} logprobs of {value}, which is greater than max allowed: {cap}",
+                param=param,
+                code="invalid_value",
+            )
 
 
 def _choices(engine: Engine, job: CompletionJob) -> Producer:
@@ -92,21 +119,22 @@ def _choices(engine: Engine, job: CompletionJob) -> Producer:
 class LegacyLogprobs:
     """The completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
 
-    def __init__(self, engine: Engine, offset: int) -> None:
+    def __init__(self, engine: Engine, offset: int, as_ids: bool = False) -> None:
         self.engine = engine
         self.offset = offset
+        self.as_ids = as_ids
         self.tokens: list[str] = []
         self.token_logprobs: list[float | None] = []
         self.top_logprobs: list[dict[str, float] | None] = []
         self.text_offset: list[int] = []
 
     def add(self, token_id: int, record: TokenLogprob | None) -> None:
-        text = self.engine.token_text(token_id)
+        text = token_name(self.engine, token_id, self.as_ids)
         self.tokens.append(text)
         self.text_offset.append(self.offset)
         self.offset += len(text)
         self.token_logprobs.append(None if record is None else record.logprob)
-        top = None if record is None else {self.engine.token_text(t): lp for t, lp in record.top}
+        top = None if record is None else {token_name(self.engine, t, self.as_ids): lp for t, lp in record.top}
         self.top_logprobs.append(top)
 
     def add_prompt(self, prompt: Prompt, scores: PromptScores) -> None:
@@ -128,20 +156,54 @@ class LegacyLogprobs:
         return out
 
 
+def token_name(engine: Engine, token_id: int, as_id: bool) -> str:
+    """A token as ``logprobs`` names it: its text, or ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``)."""
+    return f"token_id:{token_id}" if as_id else engine.token_text(token_id)
+
+
+def prompt_logprobs_field(engine: Engine, prompt: Prompt, scores: PromptScores, as_ids: bool) -> list[Any]:
+    """vLLM's ``prompt_logprobs``: per prompt position None (the first) or ``{"id": {logprob, rank, decoded_token}}``
+    for the top alternatives, plus the prompt's own token (rank null when it is outside them)."""
+    out: list[Any] = []
+    for token_id, record in zip(prompt.ids, scores.logprobs, strict=True):
+        if record is None:
+            out.append(None)
+            continue
+        entry = {
+            str(t): {"logprob": lp, "rank": rank, "decoded_token": token_name(engine, t, as_ids)}
+            for rank, (t, lp) in enumerate(record.top, 1)
+        }
+        entry.setdefault(
+            str(token_id),
+            {"logprob": record.logprob, "rank": None, "decoded_token": token_name(engine, token_id, as_ids)},
+        )
+        out.append(entry)
+    return out
+
+
+def _logs(engine: Engine, job: CompletionJob, total: int) -> list[LegacyLogprobs]:
+    """One ``logprobs`` object per choice; without ``echo`` its text offsets start after the prompt."""
+    return [
+        LegacyLogprobs(engine, 0 if job.echo else len(job.prompts[i // job.n].text or ""), job.as_ids)
+        for i in range(total)
+    ]
+
+
 async def completion(state: ServerState, job: CompletionJob, model: str, disconnected) -> dict[str, Any]:
     """The whole ``text_completion`` object (non-streaming)."""
     total = len(job.prompts) * job.n
     texts: list[list[str]] = [[] for _ in range(total)]
     finish = ["length"] * total
     counts = [0] * total
-    logs = [
-        LegacyLogprobs(state.engine, 0 if job.echo else len(job.prompts[i // job.n].text or "")) for i in range(total)
-    ]
+    logs = _logs(state.engine, job, total)
+    scored: dict[int, PromptScores] = {}
     try:
         async for index, event in state.worker.iterate(_choices(state.engine, job), disconnected):
             prompt = job.prompts[index // job.n]
             if isinstance(event, PromptScores):
-                logs[index].add_prompt(prompt, event)
+                scored[index] = event
+                if job.echo:
+                    logs[index].add_prompt(prompt, event)
                 continue
             if event.token_ids and not any(counts):
                 state.metrics.first_token(time.perf_counter() - job.start)
@@ -157,14 +219,15 @@ async def completion(state: ServerState, job: CompletionJob, model: str, disconn
     for index in range(total):
         prompt = job.prompts[index // job.n]
         text = "".join(texts[index])
-        choices.append(
-            {
-                "index": index,
-                "text": (prompt.text or "") + text if job.echo else text,
-                "logprobs": logs[index].to_dict() if job.logprobs is not None else None,
-                "finish_reason": finish[index],
-            }
-        )
+        choice = {
+            "index": index,
+            "text": (prompt.text or "") + text if job.echo else text,
+            "logprobs": logs[index].to_dict() if job.logprobs is not None else None,
+            "finish_reason": finish[index],
+        }
+        if job.prompt_logprobs is not None and index in scored:
+            choice["prompt_logprobs"] = prompt_logprobs_field(state.engine, prompt, scored[index], job.as_ids)
+        choices.append(choice)
     return {
         "id": job.id,
         "object": "text_completion",
@@ -185,14 +248,12 @@ async def completion_chunks(state: ServerState, job: CompletionJob, model: str) 
     total = len(job.prompts) * job.n
     counts = [0] * total
     started: set[int] = set()
-    logs = [
-        LegacyLogprobs(state.engine, 0 if job.echo else len(job.prompts[i // job.n].text or "")) for i in range(total)
-    ]
+    logs = _logs(state.engine, job, total)
     want = job.logprobs is not None
     try:
         async for index, event in state.worker.iterate(_choices(state.engine, job)):
             prompt = job.prompts[index // job.n]
-            if isinstance(event, PromptScores):
+            if isinstance(event, PromptScores) and job.echo:
                 logs[index].add_prompt(prompt, event)
             if index not in started:
                 started.add(index)

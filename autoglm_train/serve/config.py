@@ -17,7 +17,8 @@ class ServerConfig:
     """Everything ``create_app`` needs besides the model itself."""
 
     bundle: str
-    """A serving bundle (``manifest.json`` + ``decoder/`` + ``plugins/``) or a plain HF decoder directory."""
+    """A serving bundle (``manifest.json`` + ``decoder/`` + ``plugins/``) or any causal LM directory (``--decoder``:
+    e.g. a teacher whose top-k log-probs fill a distillation cache)."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
@@ -42,6 +43,8 @@ class ServerConfig:
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = 512
     """Chat completions without ``max_tokens`` generate at most this many (bounded by the context)."""
+    max_logprobs: int = 20
+    """Largest ``logprobs`` / ``prompt_logprobs`` a completion may ask for (vLLM's ``--max-logprobs``)."""
     max_n: int = 8
     """Largest ``n`` (choices per prompt)."""
     max_batch_prompts: int = 64
@@ -80,7 +83,14 @@ class ServerConfig:
                 parse_many(self.rate_limit)
             except ValueError as err:
                 raise ValueError(f"rate_limit={self.rate_limit!r}: {err} (e.g. '60/minute;1000/hour')") from err
-        for name in ("max_body_bytes", "max_tokens_cap", "default_max_tokens", "max_n", "max_batch_prompts"):
+        for name in (
+            "max_body_bytes",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "max_n",
+            "max_batch_prompts",
+            "max_logprobs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_concurrency < 1:

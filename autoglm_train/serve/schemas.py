@@ -5,7 +5,9 @@ answer in ways this server cannot honour (tools, JSON response formats, suffix) 
 by the handlers with a 400 rather than silently dropped.
 
 Extensions beyond OpenAI's fields: ``enable_thinking``, ``return_reasoning``,
-``chat_template_kwargs`` (chat), ``ignore_eos`` (both), as vLLM and SGLang accept them.
+``chat_template_kwargs`` (chat), ``ignore_eos`` (both), as vLLM and SGLang accept them; ``prompt_logprobs`` and
+``return_tokens_as_token_ids`` (completions), as vLLM names them, so a teacher server's client
+(:mod:`autoglm_train.distill.teacher_client`) reads our answers and vLLM's alike.
 """
 
 from __future__ import annotations
@@ -160,7 +162,12 @@ class CompletionRequest(_Sampling):
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     )
     max_tokens: Annotated[int, Field(ge=0)] = 16
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    """Top alternatives per token; at most the server's ``--max-logprobs`` (a 400 above it, worded as vLLM's)."""
     echo: bool = False
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    """vLLM's field: the top alternatives at every prompt position, in ``choices[i].prompt_logprobs``."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's field: tokens in ``logprobs`` are named ``token_id:N``, so no two alternatives share a key."""
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None

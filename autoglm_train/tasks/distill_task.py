@@ -42,7 +42,8 @@ class DistillTask(L.LightningModule):
 
     Args:
         student: the GLM causal LM being trained, or a :data:`StudentFactory` that builds it.
-        teacher: frozen causal LM with the same token ids (``None`` = hard labels only).
+        teacher: frozen causal LM with the same token ids (``None``: hard labels only, or a teacher whose top-k the
+            training batches carry, e.g. a teacher server; validation then reports the student's own loss).
         loss: the chunked KD loss (``conf/loss``).
         optimizer: ``partial`` taking the parameters (``conf/optim``).
         scheduler: ``partial`` taking the optimizer and ``num_training_steps``, or None.
@@ -143,6 +144,7 @@ class DistillTask(L.LightningModule):
                 teacher_topk=cached,
                 vocab_size=self.kd_vocab_size,
                 with_ce=with_ce,
+                with_kd=self.training or self.teacher is not None or cached is not None,  # a remote teacher: val CE
             ),
             student_hidden,
             teacher_hidden,
