@@ -59,7 +59,7 @@ def parse_cost_us(url: str, model: str, block: list[int], k: int, reps: int = 20
     """Microseconds per token the client spends decoding and parsing one answer (JSON → top-k arrays)."""
     import httpx
 
-    from autoglm_train.distill.teacher_client import parse_topk, topk_request
+    from autoglm_train.distill.teacher_wire import parse_topk, topk_request
 
     answer = httpx.post(f"{url}/completions", json=topk_request(model, block, k), timeout=600)
     start = time.perf_counter()

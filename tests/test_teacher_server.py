@@ -25,14 +25,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from autoglm_train.distill.teacher_client import (
-    ServerTeacherSpec,
-    TeacherMismatchError,
-    TeacherServer,
-    TeacherServerError,
-    parse_topk,
-    topk_request,
-)
+from autoglm_train.distill.teacher_client import ServerTeacherSpec, TeacherMismatchError, TeacherServer
+from autoglm_train.distill.teacher_wire import TeacherServerError, parse_topk, topk_request
 from autoglm_train.distill.topk_cache import TopKCacheSpec, build_topk_cache, load_topk_cache, write_topk_cache
 from autoglm_train.engine.bundle import read_bundle
 from autoglm_train.engine.engine import Engine
