@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from autoglm_train.data.spec import BatchingSpec
 from autoglm_train.model.prompt_format import end_of_turn_id, render_chat
 from autoglm_train.model.thinking import thinking_answer
 
@@ -34,7 +35,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class ChatDataSpec:
+class ChatDataSpec(BatchingSpec):
     """Where the conversations come from and how they become training rows (``conf/data/chat.yaml``)."""
 
     path: str = ""
@@ -46,26 +47,6 @@ class ChatDataSpec:
     thinking_share: float = 0.5
     """Share of rows with reasoning rendered thinking-on (the rest thinking-off, reasoning dropped); per row,
     deterministic from ``seed`` and the row's position."""
-    seq_len: int = 256
-    """Tokens per row (longer rows are truncated at the end, shorter ones padded)."""
-    val_fraction: float = 0.05
-    """Fraction of conversations held out for validation."""
-    batch_size: int = 8
-    """Training rows per batch per device."""
-    eval_batch_size: int | None = None
-    """Validation rows per batch; None = ``batch_size``."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
-    seed: int = 1234
-    """Seeds the split, the per-epoch shuffle and the thinking coin."""
-    strict: bool = False
-    """True: the first bad row is an error naming file, row and field. False: bad rows are skipped and counted."""
-    max_train_blocks: int | None = None
-    """Use only the first N training rows."""
-    max_val_blocks: int | None = None
-    """Use only the first N validation rows."""
-    cache_dir: str = ".cache/data"
-    """Kept for the shared ``data`` interface (conversations are rendered in memory, nothing is cached)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.path, os.PathLike):
@@ -74,12 +55,7 @@ class ChatDataSpec:
             raise ValueError("data.path is required: a .jsonl/.parquet/.arrow file of `messages` rows or a Hub id")
         if not 0.0 <= self.thinking_share <= 1.0:
             raise ValueError(f"data.thinking_share must be in [0, 1], got {self.thinking_share}")
-        if self.seq_len < 8:
-            raise ValueError(f"data.seq_len must be >= 8, got {self.seq_len}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
-            raise ValueError("data.batch_size (and data.eval_batch_size unless null) must be >= 1")
+        self.check_batching()
 
     @property
     def source(self) -> str:

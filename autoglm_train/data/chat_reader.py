@@ -9,6 +9,7 @@ row is counted and reported as ``file:row: kind: messages[i].field: detail`` exa
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from autoglm_train.data.reader import (
     _finish,
     _read_jsonl,
     _read_parquet,
+    list_files,
     looks_local,
+    read_files,
 )
 from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, split_reasoning
 
@@ -96,20 +99,15 @@ class _ChatCollector(_Collector):
             self.skip(where, bad)
 
 
-def _local_files(root: Path) -> list[Path]:
-    if root.is_file():
-        if root.suffix.lower() not in CHAT_SUFFIXES:
-            raise ValueError(f"data.path={str(root)!r}: unsupported file type; use one of {CHAT_SUFFIXES}")
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in CHAT_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"data.path={str(root)!r} holds no {'/'.join(CHAT_SUFFIXES)} files")
-    return files
-
-
 def _read_rows(rows: Any, label: str, out: _Collector, field: str) -> None:
     for number, row in enumerate(rows, 1):
         out.row(row, f"{label}:{number}", field)
+
+
+def _read_arrow(path: Path, field: str, out: _Collector) -> None:
+    import datasets
+
+    _read_rows(datasets.Dataset.from_file(str(path)), str(path), out, field)
 
 
 def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", strict: bool = False) -> ReadResult:
@@ -122,17 +120,10 @@ def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", s
         if not root.exists():
             raise FileNotFoundError(f"data.path={path!r} does not exist")
         out = _ChatCollector(path, strict)
-        for file in _local_files(root):
-            out.report.files += 1
-            suffix = file.suffix.lower()
-            if suffix in JSONL_SUFFIXES:
-                _read_jsonl(file, field, out)
-            elif suffix in PARQUET_SUFFIXES:
-                _read_parquet(file, field, out)
-            else:
-                import datasets
-
-                _read_rows(datasets.Dataset.from_file(str(file)), str(file), out, field)
+        readers = dict.fromkeys(JSONL_SUFFIXES, partial(_read_jsonl, text_field=field, out=out))
+        readers.update(dict.fromkeys(PARQUET_SUFFIXES, partial(_read_parquet, text_field=field, out=out)))
+        readers.update(dict.fromkeys(ARROW_SUFFIXES, partial(_read_arrow, field=field, out=out)))
+        read_files(list_files(root, CHAT_SUFFIXES, "data.path"), out, readers)
         return _finish(out)
     import datasets
 

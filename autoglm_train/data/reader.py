@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -209,19 +211,25 @@ def _read_parquet(path: Path, text_field: str, out: _Collector) -> None:
             out.row(row, f"{path}:{number}", text_field)
 
 
-def list_files(root: Path) -> list[Path]:
+def list_files(root: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES, key: str = "data.source") -> list[Path]:
+    """``root`` itself, or the files under it with one of ``suffixes`` (sorted, hidden ones skipped)."""
     if root.is_file():
-        if root.suffix.lower() not in SUPPORTED_SUFFIXES:
-            raise ValueError(f"data.source={str(root)!r}: unsupported file type; use one of {SUPPORTED_SUFFIXES}")
+        if root.suffix.lower() not in suffixes:
+            raise ValueError(f"{key}={str(root)!r}: unsupported file type; use one of {suffixes}")
         return [root]
     files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
     )
     if not files:
-        raise FileNotFoundError(f"data.source={str(root)!r} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        raise FileNotFoundError(f"{key}={str(root)!r} holds no {'/'.join(suffixes)} files")
     return files
+
+
+def read_files(files: list[Path], out: _Collector, readers: dict[str, Callable[[Path], None]]) -> None:
+    """Each file through the reader registered for its suffix (the text and chat readers share this); counts them."""
+    for path in files:
+        out.report.files += 1
+        readers[path.suffix.lower()](path)
 
 
 def looks_local(source: str) -> bool:
@@ -243,15 +251,10 @@ def read_local(
     if not root.exists():
         raise FileNotFoundError(f"data.source={str(source)!r} does not exist")
     out = _Collector(label or str(source), strict)
-    for path in list_files(root):
-        out.report.files += 1
-        suffix = path.suffix.lower()
-        if suffix in TXT_SUFFIXES:
-            _read_txt(path, txt_mode, out)
-        elif suffix in JSONL_SUFFIXES:
-            _read_jsonl(path, text_field, out)
-        else:
-            _read_parquet(path, text_field, out)
+    readers = dict.fromkeys(TXT_SUFFIXES, partial(_read_txt, mode=txt_mode, out=out))
+    readers.update(dict.fromkeys(JSONL_SUFFIXES, partial(_read_jsonl, text_field=text_field, out=out)))
+    readers.update(dict.fromkeys(PARQUET_SUFFIXES, partial(_read_parquet, text_field=text_field, out=out)))
+    read_files(list_files(root), out, readers)
     return _finish(out)
 
 

@@ -9,17 +9,9 @@ from autoglm_train.data.reader import TXT_MODES
 
 
 @dataclass
-class TextDataSpec:
-    """Where the text comes from and how it is cut into training blocks."""
+class BatchingSpec:
+    """What every ``data`` source shares: block length, split, batching, bad-row policy, caps and the cache."""
 
-    source: str = "shakespeare"
-    """'shakespeare' | 'kjv' (embedded corpora), a local file/directory, or a Hugging Face Hub dataset name."""
-    text_field: str = "text"
-    """Column holding the text in .jsonl/.parquet/Hub rows; rows with a 'messages' list are chat rows instead."""
-    txt_mode: str = "file"
-    """'file': each .txt file is one document; 'blocks': each blank-line-separated block is one."""
-    hub_split: str = "train"
-    """Split to load when ``source`` is a Hub dataset."""
     seq_len: int = 256
     """Tokens per training block (input_ids and labels are both this long)."""
     val_fraction: float = 0.05
@@ -41,13 +33,8 @@ class TextDataSpec:
     cache_dir: str = ".cache/data"
     """Built corpora and packed datasets, keyed by everything that changes their content."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.source, os.PathLike):
-            self.source = os.fspath(self.source)
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise ValueError("data.source is required: 'shakespeare', 'kjv', a local file/dir or a Hub dataset name")
-        if self.txt_mode not in TXT_MODES:
-            raise ValueError(f"data.txt_mode must be one of {TXT_MODES}, got {self.txt_mode!r}")
+    def check_batching(self) -> None:
+        """The shared fields' checks (each subclass's ``__post_init__`` calls it)."""
         if self.seq_len < 8:
             raise ValueError(f"data.seq_len must be >= 8, got {self.seq_len}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -64,3 +51,26 @@ class TextDataSpec:
                 raise ValueError(f"data.{key} must be >= 1 or null, got {value}")
         if not self.cache_dir:
             raise ValueError("data.cache_dir must be set (built corpora and packed blocks are cached there)")
+
+
+@dataclass
+class TextDataSpec(BatchingSpec):
+    """Where the text comes from and how it is cut into training blocks."""
+
+    source: str = "shakespeare"
+    """'shakespeare' | 'kjv' (embedded corpora), a local file/directory, or a Hugging Face Hub dataset name."""
+    text_field: str = "text"
+    """Column holding the text in .jsonl/.parquet/Hub rows; rows with a 'messages' list are chat rows instead."""
+    txt_mode: str = "file"
+    """'file': each .txt file is one document; 'blocks': each blank-line-separated block is one."""
+    hub_split: str = "train"
+    """Split to load when ``source`` is a Hub dataset."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, os.PathLike):
+            self.source = os.fspath(self.source)
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError("data.source is required: 'shakespeare', 'kjv', a local file/dir or a Hub dataset name")
+        if self.txt_mode not in TXT_MODES:
+            raise ValueError(f"data.txt_mode must be one of {TXT_MODES}, got {self.txt_mode!r}")
+        self.check_batching()

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from autoglm_train.serve.config import NO_AUTH_KEY, ServerConfig
@@ -73,24 +74,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     keys += [k.strip() for k in os.environ.get(KEY_ENV, "").split(",") if k.strip()]
     if args.api_key_file:
         keys += [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
+    same_name = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if f.name in vars(args)}
     return ServerConfig(
-        bundle=args.bundle or args.decoder,
-        host=args.host,
-        port=args.port,
-        api_keys=keys,
-        no_auth=args.no_auth,
-        model_name=args.model_name,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=args.quantize,
-        rate_limit=None if args.rate_limit.lower() in ("none", "0", "off") else args.rate_limit,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-        max_model_len=args.max_model_len,
-        max_tokens_cap=args.max_tokens,
-        max_concurrency=args.max_concurrency,
-        max_logprobs=args.max_logprobs,
-        threads=args.threads,
-        verify_checksums=args.verify_checksums,
+        **{
+            **same_name,  # host, port, no_auth, model_name, device, dtype, quantize, max_logprobs, threads, ...
+            "bundle": args.bundle or args.decoder,
+            "api_keys": keys,
+            "rate_limit": None if args.rate_limit.lower() in ("none", "0", "off") else args.rate_limit,
+            "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
+            "max_tokens_cap": args.max_tokens,
+        }
     )
 
 
