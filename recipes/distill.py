@@ -67,6 +67,11 @@ def run(cfg: DictConfig) -> dict:
     # 2. Data: text tokenized, packed, split and cached; or conversations (data=chat), assistant tokens as targets.
     data_spec = instantiate(cfg.data)
     chat = isinstance(data_spec, ChatDataSpec)
+    if chat and (remote or cfg.recipe.teacher_cache.enabled):  # refused before the teacher is loaded
+        raise ConfigValueError(
+            "recipe.teacher_cache (and teacher=server, which builds it) is for packed text; data=chat rows are scored "
+            "live by an in-process teacher"
+        )
     data = ChatDataModule(data_spec, tokenizer) if chat else TextDataModule(data_spec, tokenizer)
 
     # 3. Teacher (frozen) and the width both sides are compared on; a teacher server stays where it is.
@@ -76,11 +81,6 @@ def run(cfg: DictConfig) -> dict:
 
     # 3b. Offline teacher top-k (always, for a teacher server): training then never runs the teacher.
     cache_spec = TopKCacheSpec(**cfg.recipe.teacher_cache)
-    if (cache_spec.enabled or remote) and chat:
-        raise ConfigValueError(
-            "recipe.teacher_cache (and teacher=server, which builds it) is for packed text; data=chat rows are scored "
-            "live by an in-process teacher"
-        )
     if remote:
         cache_spec = TopKCacheSpec(**{**cfg.recipe.teacher_cache, "enabled": True, "k": teacher_spec.top_k})
         _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, remote.teacher_id, server.score, trainer)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from autoglm_train.data.reader import (
     EMPTY_TEXT,
@@ -29,6 +28,7 @@ from autoglm_train.data.reader import (
     list_files,
     looks_local,
     read_files,
+    read_hub_rows,
 )
 from autoglm_train.model.thinking import THINK_CLOSE, THINK_OPEN, split_reasoning
 
@@ -99,15 +99,11 @@ class _ChatCollector(_Collector):
             self.skip(where, bad)
 
 
-def _read_rows(rows: Any, label: str, out: _Collector, field: str) -> None:
-    for number, row in enumerate(rows, 1):
-        out.row(row, f"{label}:{number}", field)
-
-
 def _read_arrow(path: Path, field: str, out: _Collector) -> None:
     import datasets
 
-    _read_rows(datasets.Dataset.from_file(str(path)), str(path), out, field)
+    for number, row in enumerate(datasets.Dataset.from_file(str(path)), 1):
+        out.row(row, f"{path}:{number}", field)
 
 
 def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", strict: bool = False) -> ReadResult:
@@ -125,16 +121,4 @@ def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", s
         readers.update(dict.fromkeys(ARROW_SUFFIXES, partial(_read_arrow, field=field, out=out)))
         read_files(list_files(root, CHAT_SUFFIXES, "data.path"), out, readers)
         return _finish(out)
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(path, split=hub_split)
-    except Exception as e:  # network, auth, missing split: all end the same way for the user
-        raise ConnectionError(
-            f"data.path={path!r} is not a local file, so it was looked up on the Hugging Face Hub "
-            f"(split={hub_split!r}) and could not be loaded: {e}"
-        ) from e
-    out = _ChatCollector(f"{path}[{hub_split}]", strict)
-    out.report.files = 1
-    _read_rows(dataset, f"{path}[{hub_split}]", out, field)
-    return _finish(out)
+    return read_hub_rows(path, hub_split, field, _ChatCollector(f"{path}[{hub_split}]", strict), key="data.path")

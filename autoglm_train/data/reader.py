@@ -260,20 +260,27 @@ def read_local(
 
 def read_hub(name: str, *, split: str = "train", text_field: str = "text", strict: bool = False) -> ReadResult:
     """Load a Hugging Face Hub dataset split and validate its rows like a local JSONL file."""
+    hint = ". Use 'shakespeare', 'kjv', an existing path, or check the dataset name and network access."
+    return read_hub_rows(name, split, text_field, _Collector(f"{name}[{split}]", strict), hint=hint)
+
+
+def read_hub_rows(
+    name: str, split: str, field: str, out: _Collector, key: str = "data.source", hint: str = ""
+) -> ReadResult:
+    """Every row of a Hub dataset split through ``out`` (the text and chat readers share this); ``key`` and
+    ``hint`` word the error when the split cannot be loaded."""
     import datasets
 
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, auth, missing split: all end the same way for the user
         raise ConnectionError(
-            f"data.source={name!r} is not a local file or directory, so it was looked up on the Hugging Face Hub "
-            f"(split={split!r}) and could not be loaded: {e}. Use 'shakespeare', 'kjv', an existing path, "
-            "or check the dataset name and network access."
+            f"{key}={name!r} is not a local file or directory, so it was looked up on the Hugging Face Hub "
+            f"(split={split!r}) and could not be loaded: {e}{hint}"
         ) from e
-    out = _Collector(f"{name}[{split}]", strict)
     out.report.files = 1
     for number, row in enumerate(dataset, 1):
-        out.row(row, f"{name}[{split}]:{number}", text_field)
+        out.row(row, f"{name}[{split}]:{number}", field)
     return _finish(out)
 
 

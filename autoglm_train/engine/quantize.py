@@ -85,8 +85,8 @@ def load_serving_decoder(
 def standard_int8_dir(bundle: BundleInfo) -> Path | None:
     """The bundle's int8 form when it is the standard one transformers loads alone, else None.
 
-    The manifest's ``forms.int8.path`` is looked up first, then ``<bundle>/int8``; the earlier
-    project-specific layout (``int8.json``) is not served (it would be dequantized to float on load).
+    The manifest's ``forms.int8.path`` is looked up first, then ``<bundle>/int8``
+    (:func:`~autoglm_train.quant.int8_layout.is_standard_int8` decides what counts).
     """
     from autoglm_train.quant.int8_layout import is_standard_int8
 
