@@ -93,6 +93,13 @@ def _render_history(tokenizer, template: str, messages: list[dict[str, str]], kw
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
 
 
+def prompt_ids(tokenizer, template: str, history: list[dict[str, str]], enable_thinking: bool) -> list[int]:
+    """The ids the server builds for ``history`` (ending with the user turn) and the thinking switch: what a teacher
+    answers after and what the student's answer follows in training."""
+    prompt = render_chat(tokenizer, template, history, {"enable_thinking": enable_thinking})
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
 def encode_conversation(
     tokenizer, template: str, messages: list[dict[str, str]], thinking: bool
 ) -> tuple[list[int], list[bool], int]:

@@ -1,0 +1,1 @@
+"""Verifiable task families: questions whose solver writes the worked steps, and the one answer checker."""
