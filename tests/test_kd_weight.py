@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from autoglm_train.distill.divergences import TOPK_KINDS
 from autoglm_train.distill.kd_loss import KDLoss
-from tests.test_kd_losses import TOL, V, V_STUDENT, chunked, grads, make_case
+from tests.test_kd_losses import TOL, V_STUDENT, V, chunked, grads, make_case
 
 
 class _Wrapped(nn.Module):

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from autoglm_train.distill.chunk_buffers import ChunkBuffers
 
-
 Coef = float | Tensor
 """A loss coefficient: one scalar for the chunk, or one per row as a [c, 1] tensor (per-token KD weights)."""
 

@@ -40,7 +40,7 @@ def fused_chunk(
     logits); at other τ it has the closed form (q_τ − p_τ)/τ. Every other divergence and the top-k teacher get their
     gradient from autograd on this chunk's elementwise ops alone.
     """
-    t_hidden, t_logp, t_ids = teacher
+    t_hidden = teacher[0]
     tau = loss.temperature
     if mode == "full" and loss.kind == "forward_kl" and tau == 1.0:  # the default: reductions over logits
         width = slice_vocab(z, vocab_size, "student").shape[-1]
