@@ -172,21 +172,7 @@ class KDLoss(nn.Module):
             ce_loss = ce_sum / n
             return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
 
-        def chunk_sums(
-            h_c: Tensor, y_c: Tensor, th_c: Tensor | None, tl_c: Tensor | None, ti_c: Tensor | None, w_c: Tensor | None
-        ) -> tuple[Tensor, Tensor, Tensor]:
-            return self._chunk_sums(h_c, y_c, th_c, tl_c, ti_c, student_head, teacher_head, vocab_size, mode, w_c)
-
-        kd_sum = ce_sum = solo_sum = None
-        for s in chunks(n, self.chunk_size):
-            args = (h[s], y[s], *(None if t is None else t[s] for t in teacher), None if w is None else w[s])
-            if torch.is_grad_enabled():
-                kd_c, ce_c, solo_c = checkpoint(chunk_sums, *args, use_reentrant=False)
-            else:
-                kd_c, ce_c, solo_c = chunk_sums(*args)
-            kd_sum = kd_c if kd_sum is None else kd_sum + kd_c
-            ce_sum = ce_c if ce_sum is None else ce_sum + ce_c
-            solo_sum = solo_c if solo_sum is None else solo_sum + solo_c
+        kd_sum, ce_sum, solo_sum = self._recompute_sums(h, y, teacher, w, student_head, teacher_head, vocab_size, mode)
 
         kd_mean = kd_sum * (self.temperature**2 / n)  # Σ w·D over all target positions: what the loss weighs
         ce_loss = ce_sum / n
@@ -195,6 +181,36 @@ class KDLoss(nn.Module):
             loss = loss + self.kd_ratio * (solo_sum / n)  # the CE that solver-written tokens get instead of KD
         kd_loss = kd_mean if w is None else kd_sum * (self.temperature**2 / kd_tokens)
         return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
+
+    def _recompute_sums(
+        self,
+        h: Tensor,
+        y: Tensor,
+        teacher: tuple[Tensor | None, Tensor | None, Tensor | None],
+        w: Tensor | None,
+        student_head: Head,
+        teacher_head: Head | None,
+        vocab_size: int | None,
+        mode: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(Σ w·D, Σ CE, Σ (1 − w)·CE) chunk by chunk, each chunk's logits recomputed in backward (checkpoint)."""
+
+        def chunk_sums(
+            h_c: Tensor, y_c: Tensor, th_c: Tensor | None, tl_c: Tensor | None, ti_c: Tensor | None, w_c: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            return self._chunk_sums(h_c, y_c, th_c, tl_c, ti_c, student_head, teacher_head, vocab_size, mode, w_c)
+
+        kd_sum = ce_sum = solo_sum = None
+        for s in chunks(h.shape[0], self.chunk_size):
+            args = (h[s], y[s], *(None if t is None else t[s] for t in teacher), None if w is None else w[s])
+            if torch.is_grad_enabled():
+                kd_c, ce_c, solo_c = checkpoint(chunk_sums, *args, use_reentrant=False)
+            else:
+                kd_c, ce_c, solo_c = chunk_sums(*args)
+            kd_sum = kd_c if kd_sum is None else kd_sum + kd_c
+            ce_sum = ce_c if ce_sum is None else ce_sum + ce_c
+            solo_sum = solo_c if solo_sum is None else solo_sum + solo_c
+        return kd_sum, ce_sum, solo_sum
 
     def teacher_logp(
         self,
