@@ -16,6 +16,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from autoglm_train.data.assistant import AssistantDataSpec
+from autoglm_train.data.assistant_datamodule import AssistantDataModule
 from autoglm_train.data.chat import ChatDataSpec
 from autoglm_train.data.chat_datamodule import ChatDataModule
 from autoglm_train.data.datamodule import TextDataModule
@@ -33,6 +35,7 @@ from autoglm_train.distill.vocab import plan_vocab, student_tokenizer
 from autoglm_train.errors import ConfigValueError
 from autoglm_train.model.decoder import DecoderSpec, build_decoder, count_parameters
 from autoglm_train.model.hf_io import save_hf_decoder
+from autoglm_train.model.prompt_format import end_of_turn_id
 from autoglm_train.quant.callback import QATStartCallback
 from autoglm_train.quant.qat import convert_qat
 from autoglm_train.tasks.distill_task import DistillTask
@@ -40,6 +43,7 @@ from autoglm_train.tasks.sharding import gathered_student
 from autoglm_train.tasks.summary import write_summary
 from autoglm_train.tasks.trainer_factory import build_trainer, checkpoint_dir, checkpoint_format, fault_tolerance
 from autoglm_train.utils.resume import resolve_ckpt_path
+from recipes.assistant_steps import attach_teacher_answers
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +68,20 @@ def run(cfg: DictConfig) -> dict:
     tokenizer, base_vocab = _tokenizer(cfg, teacher_spec, server)
     remote = server.preflight(tokenizer, base_vocab) if server else None
 
-    # 2. Data: text tokenized, packed, split and cached; or conversations (data=chat), assistant tokens as targets.
+    # 2. Data: text tokenized, packed, split and cached; or conversations (data=chat), assistant tokens as targets;
+    #    or data=assistant: prompts the teacher answers (step 3c) + solver-written reasoning rows (+ text batches).
     data_spec = instantiate(cfg.data)
     chat = isinstance(data_spec, ChatDataSpec)
-    if chat and (remote or cfg.recipe.teacher_cache.enabled):  # refused before the teacher is loaded
+    assistant = isinstance(data_spec, AssistantDataSpec)
+    if (chat or assistant) and (remote or cfg.recipe.teacher_cache.enabled):  # refused before the teacher is loaded
         raise ConfigValueError(
-            "recipe.teacher_cache (and teacher=server, which builds it) is for packed text; data=chat rows are scored "
-            "live by an in-process teacher"
+            "recipe.teacher_cache (and teacher=server, which builds it) is for packed text; data=chat and "
+            "data=assistant rows are scored by an in-process teacher"
         )
-    data = ChatDataModule(data_spec, tokenizer) if chat else TextDataModule(data_spec, tokenizer)
+    if chat:
+        data = ChatDataModule(data_spec, tokenizer)
+    else:
+        data = AssistantDataModule(data_spec, tokenizer) if assistant else TextDataModule(data_spec, tokenizer)
 
     # 3. Teacher (frozen) and the width both sides are compared on; a teacher server stays where it is.
     teacher = None if remote else load_teacher(teacher_spec, trainer.strategy.root_device)  # onto the rank's GPU
@@ -92,6 +101,10 @@ def run(cfg: DictConfig) -> dict:
         teacher_id = cfg.teacher.path + ("#int8" if teacher_spec.load_in_8bit else "")  # int8 teacher: its own top-k
         _attach_topk_cache(cfg, cache_spec, data, plan.kd_vocab_size, teacher_id, score, trainer)
 
+    # 3c. data=assistant: the teacher answers every prompt-only row (rendered with the bundle's template), cached
+    #     on disk by teacher, settings and prompt; its answers and their top-k become the KD rows.
+    answer_stats = attach_teacher_answers(cfg, data, teacher, teacher_spec, tokenizer, plan.kd_vocab_size, trainer)
+
     # 4. Student: a fresh GLM decoder with the teacher's token ids, built by the task inside the strategy's context
     #    (ZeRO-3 partitions it layer by layer as it is constructed; FSDP2 builds it whole on rank 0 only).
     #    QAT: it trains under int8 fake-quant (same Parameters and state_dict keys, so resume works).
@@ -108,6 +121,7 @@ def run(cfg: DictConfig) -> dict:
         plan.kd_vocab_size,
         shard_teacher=teacher is not None and teacher_spec.shard,
         seed=cfg.seed,
+        stop_token_id=end_of_turn_id(tokenizer),
     )
     ckpt = resolve_ckpt_path(cfg.ckpt_path, checkpoint_dir(cfg), formats={checkpoint_format(trainer)})
     trainer.fit(task, datamodule=data, ckpt_path=ckpt)
@@ -135,6 +149,7 @@ def run(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "resumed_from": ckpt,
         "data": {**data.stats, "skipped_rows": data.report.to_dict()},
+        **({"teacher_answers": answer_stats} if answer_stats is not None else {}),
         **{k: float(v) for k, v in val.items()},
         "quant": OmegaConf.to_container(quant, resolve=True) if quant else None,
         **int8,

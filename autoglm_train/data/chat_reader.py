@@ -68,8 +68,11 @@ def _check_turn(i: int, turn: object) -> dict[str, str]:
     return out
 
 
-def check_chat_row(row: object, field: str = "messages") -> Document:
-    """One row → ``{"messages": [{"role", "content"[, "reasoning"]}, ...]}``; raises ``_BadRow`` naming the field."""
+def check_chat_row(row: object, field: str = "messages", prompt_only_ok: bool = False) -> Document:
+    """One row → ``{"messages": [{"role", "content"[, "reasoning"]}, ...]}``; raises ``_BadRow`` naming the field.
+
+    ``prompt_only_ok``: a row whose last turn is a (non-empty) user turn is kept too: a prompt for a teacher to answer.
+    """
     if not isinstance(row, dict):
         raise _BadRow(WRONG_TYPE, f"row must be an object, got {type(row).__name__}")
     messages = row.get(field)
@@ -80,6 +83,10 @@ def check_chat_row(row: object, field: str = "messages") -> Document:
     if not messages:
         raise _BadRow(EMPTY_TEXT, f"{field!r} is empty")
     turns = [_check_turn(i, turn) for i, turn in enumerate(messages)]
+    if prompt_only_ok and turns[-1]["role"] == "user":
+        if not turns[-1]["content"].strip():
+            raise _BadRow(EMPTY_TEXT, f"messages[{len(turns) - 1}].content: the prompt's user turn is empty")
+        return {"messages": turns}
     assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
     if not assistant:
         raise _BadRow(NO_ASSISTANT, f"{field!r} has no assistant turn (nothing to learn from)")
@@ -92,9 +99,11 @@ def check_chat_row(row: object, field: str = "messages") -> Document:
 class _ChatCollector(_Collector):
     """The text reader's collector, checking rows as conversations instead of text."""
 
+    prompt_only_ok = False
+
     def row(self, row: object, where: str, text_field: str) -> None:
         try:
-            self.add(check_chat_row(row, text_field))
+            self.add(check_chat_row(row, text_field, self.prompt_only_ok))
         except _BadRow as bad:
             self.skip(where, bad)
 
@@ -106,19 +115,25 @@ def _read_arrow(path: Path, field: str, out: _Collector) -> None:
         out.row(row, f"{path}:{number}", field)
 
 
-def read_chat(path: str, *, field: str = "messages", hub_split: str = "train", strict: bool = False) -> ReadResult:
+def read_chat(
+    path: str, *, field: str = "messages", hub_split: str = "train", strict: bool = False, prompt_only_ok: bool = False
+) -> ReadResult:
     """Read conversations from a local .jsonl/.parquet/.arrow file (or a directory of them) or a Hub dataset id.
 
-    Rows keep their source order (the thinking coin of a row is drawn from its position).
+    Rows keep their source order (the thinking coin of a row is drawn from its position). ``prompt_only_ok``: rows
+    ending with a user turn are kept as prompts (``data=assistant``: the teacher answers them).
     """
     if looks_local(path) or Path(path).suffix.lower() in ARROW_SUFFIXES:
         root = Path(path).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"data.path={path!r} does not exist")
         out = _ChatCollector(path, strict)
+        out.prompt_only_ok = prompt_only_ok
         readers = dict.fromkeys(JSONL_SUFFIXES, partial(_read_jsonl, text_field=field, out=out))
         readers.update(dict.fromkeys(PARQUET_SUFFIXES, partial(_read_parquet, text_field=field, out=out)))
         readers.update(dict.fromkeys(ARROW_SUFFIXES, partial(_read_arrow, field=field, out=out)))
         read_files(list_files(root, CHAT_SUFFIXES, "data.path"), out, readers)
         return _finish(out)
-    return read_hub_rows(path, hub_split, field, _ChatCollector(f"{path}[{hub_split}]", strict), key="data.path")
+    hub = _ChatCollector(f"{path}[{hub_split}]", strict)
+    hub.prompt_only_ok = prompt_only_ok
+    return read_hub_rows(path, hub_split, field, hub, key="data.path")

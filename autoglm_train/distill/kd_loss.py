@@ -38,7 +38,8 @@ class KDLossOutput:
 
 
 class KDLoss(nn.Module):
-    """``kd_ratio·τ²·mean(D(p_τ‖q_τ)) + (1 − kd_ratio)·CE(student, labels)``, chunked.
+    """``kd_ratio·τ²·mean(D(p_τ‖q_τ)) + (1 − kd_ratio)·CE(student, labels)``, chunked; per-token KD weights
+    (``kd_weight``) give tokens that no teacher wrote CE alone.
 
     The τ² factor (Hinton et al., 2015) undoes the 1/τ² shrink that temperature puts on
     the soft-target gradients, so ``kd_ratio`` keeps the same KD/CE balance at any τ. It
@@ -112,6 +113,7 @@ class KDLoss(nn.Module):
         vocab_size: int | None = None,
         with_ce: bool = True,
         with_kd: bool = True,
+        kd_weight: Tensor | None = None,
     ) -> KDLossOutput:
         """Loss from hidden states.
 
@@ -128,8 +130,14 @@ class KDLoss(nn.Module):
                 ``kd_ratio·τ²·mean(D)`` alone (``ce_loss`` is still reported).
             with_kd: False when no teacher signal is expected (validation of a run whose teacher is a server: its
                 top-k was cached for the training blocks only); the KD term is then 0 and ``ce_loss`` is the metric.
+            kd_weight: [B, T] per-token KD weight w (1 = a teacher-written token, 0 = a solver-written one, which
+                has no teacher signal worth matching): ``loss_t = w·(kd_ratio·τ²·D_t + (1 − kd_ratio)·CE_t) +
+                (1 − w)·CE_t``, averaged over the target positions; ``kd_loss`` is then τ²·Σ w·D / Σ w (the mean
+                over teacher-written tokens) and ``ce_loss`` the mean CE over all. None = 1 everywhere.
         """
         mode = self._mode(student_hidden, labels, teacher_hidden, teacher_head, teacher_topk, with_kd)
+        if kd_weight is not None and tuple(kd_weight.shape) != tuple(labels.shape):
+            raise ValueError(f"kd_weight {tuple(kd_weight.shape)} must be [B, T] like labels {tuple(labels.shape)}")
         flat_labels = labels.reshape(-1)
         # nonzero() syncs with the device once; it buys never touching ignored positions again.
         idx = (flat_labels != self.ignore_index).nonzero().squeeze(1)
@@ -151,35 +159,58 @@ class KDLoss(nn.Module):
             t_ids = teacher_topk[1].reshape(-1, k).index_select(0, idx)
 
         teacher = (t_hidden, t_logp, t_ids)
+        w = None if kd_weight is None else kd_weight.reshape(-1).index_select(0, idx).float()
+        # kd_loss is the mean over the teacher-written tokens (all of them without weights)
+        kd_tokens = n if w is None else (float(w.sum()) or 1.0)
         if fusable(student_head):
             # The fast path: each chunk's gradient is computed in the forward pass, nothing is recomputed.
             loss, kd_sum, ce_sum = FusedKD.apply(
-                h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self, with_ce
+                h, student_head.weight, student_head.bias, y, teacher, teacher_head, vocab_size, mode, self, with_ce, w
             )
             self.buffers.release_unless_cpu()
-            kd_loss = kd_sum * (self.temperature**2 / n)
+            kd_loss = kd_sum * (self.temperature**2 / kd_tokens)
             ce_loss = ce_sum / n
             return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
 
-        def chunk_sums(
-            h_c: Tensor, y_c: Tensor, th_c: Tensor | None, tl_c: Tensor | None, ti_c: Tensor | None
-        ) -> tuple[Tensor, Tensor]:
-            return self._chunk_sums(h_c, y_c, th_c, tl_c, ti_c, student_head, teacher_head, vocab_size, mode)
+        kd_sum, ce_sum, solo_sum = self._recompute_sums(h, y, teacher, w, student_head, teacher_head, vocab_size, mode)
 
-        kd_sum = ce_sum = None
-        for s in chunks(n, self.chunk_size):
-            args = (h[s], y[s], *(None if t is None else t[s] for t in teacher))
+        kd_mean = kd_sum * (self.temperature**2 / n)  # Σ w·D over all target positions: what the loss weighs
+        ce_loss = ce_sum / n
+        loss = self.kd_ratio * kd_mean + (1.0 - self.kd_ratio) * ce_loss if with_ce else self.kd_ratio * kd_mean
+        if w is not None and with_ce:
+            loss = loss + self.kd_ratio * (solo_sum / n)  # the CE that solver-written tokens get instead of KD
+        kd_loss = kd_mean if w is None else kd_sum * (self.temperature**2 / kd_tokens)
+        return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
+
+    def _recompute_sums(
+        self,
+        h: Tensor,
+        y: Tensor,
+        teacher: tuple[Tensor | None, Tensor | None, Tensor | None],
+        w: Tensor | None,
+        student_head: Head,
+        teacher_head: Head | None,
+        vocab_size: int | None,
+        mode: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(Σ w·D, Σ CE, Σ (1 − w)·CE) chunk by chunk, each chunk's logits recomputed in backward (checkpoint)."""
+
+        def chunk_sums(
+            h_c: Tensor, y_c: Tensor, th_c: Tensor | None, tl_c: Tensor | None, ti_c: Tensor | None, w_c: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            return self._chunk_sums(h_c, y_c, th_c, tl_c, ti_c, student_head, teacher_head, vocab_size, mode, w_c)
+
+        kd_sum = ce_sum = solo_sum = None
+        for s in chunks(h.shape[0], self.chunk_size):
+            args = (h[s], y[s], *(None if t is None else t[s] for t in teacher), None if w is None else w[s])
             if torch.is_grad_enabled():
-                kd_c, ce_c = checkpoint(chunk_sums, *args, use_reentrant=False)
+                kd_c, ce_c, solo_c = checkpoint(chunk_sums, *args, use_reentrant=False)
             else:
-                kd_c, ce_c = chunk_sums(*args)
+                kd_c, ce_c, solo_c = chunk_sums(*args)
             kd_sum = kd_c if kd_sum is None else kd_sum + kd_c
             ce_sum = ce_c if ce_sum is None else ce_sum + ce_c
-
-        kd_loss = kd_sum * (self.temperature**2 / n)
-        ce_loss = ce_sum / n
-        loss = self.kd_ratio * kd_loss + (1.0 - self.kd_ratio) * ce_loss if with_ce else self.kd_ratio * kd_loss
-        return KDLossOutput(loss=loss, kd_loss=kd_loss, ce_loss=ce_loss, num_tokens=n)
+            solo_sum = solo_c if solo_sum is None else solo_sum + solo_c
+        return kd_sum, ce_sum, solo_sum
 
     def teacher_logp(
         self,
@@ -252,12 +283,18 @@ class KDLoss(nn.Module):
         teacher_head: Head | None,
         vocab_size: int | None,
         mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """(Σ KD divergence, Σ CE) over one chunk of positions; the only place logits exist."""
+        w: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(Σ w·KD divergence, Σ CE, Σ (1 − w)·CE) over one chunk of positions; the only place logits exist."""
         logits = upcast(student_head(h))
-        ce = F.cross_entropy(logits, y, reduction="sum")
+        if w is None:
+            ce = F.cross_entropy(logits, y, reduction="sum")
+            solo = ce.new_zeros(())
+        else:
+            ce_rows = F.cross_entropy(logits, y, reduction="none")
+            ce, solo = ce_rows.sum(), (ce_rows * (1.0 - w)).sum()
         if mode == "none":
-            return ce.new_zeros(()), ce
+            return ce.new_zeros(()), ce, solo
         s_logp = F.log_softmax(slice_vocab(logits, vocab_size, "student") / self.temperature, dim=-1)
         # Recomputed during backward too (cheap next to holding all teacher logits).
         teacher_logp = self.teacher_logp(mode, t_hidden, t_logp, teacher_head, vocab_size, s_logp.shape[-1])
@@ -265,4 +302,4 @@ class KDLoss(nn.Module):
             kd = divergence(self.kind, teacher_logp, s_logp, beta=self.beta, skew_alpha=self.skew_alpha)
         else:
             kd = topk_divergence(self.kind, teacher_logp, s_logp, t_ids)
-        return kd.sum(), ce
+        return (kd.sum() if w is None else (kd * w).sum()), ce, solo

@@ -5,6 +5,10 @@ training text: the student samples ``max_new_tokens`` tokens after a prompt (bat
 scores that sequence, and the divergence is applied on the generated tokens only. Off-policy KD trains the student on
 prefixes it would never produce itself; on-policy batches show it the teacher's view of its own mistakes.
 
+Conversation batches (``data=assistant``: right-padded rows with a ``prompt_len`` column) are answered instead: the
+student writes after each teacher-written row's own prompt (the server's prompt ids), up to its end of turn, and the
+teacher grades those answers (:func:`chat_prompts`, :func:`sample_after_prompts`, :func:`chat_on_policy_batch`).
+
 Random numbers are a pure function of (seed, micro-batch counter[, rank]): the counter is in the checkpoint, so a
 resumed run draws exactly the samples the uninterrupted run drew, and no rank's generator state has to be gathered.
 Whether a batch is on-policy depends on (seed, counter) only, so every DDP rank takes the same branch and no rank
@@ -116,3 +120,67 @@ def on_policy_batch(input_ids: Tensor, continuation: Tensor) -> dict[str, Tensor
     labels = seq[:, 1:].clone()
     labels[:, : p - 1] = -100
     return {"input_ids": seq[:, :-1], "labels": labels}
+
+
+def chat_prompts(batch: dict[str, Tensor]) -> list[Tensor]:
+    """Each teacher-written row's prompt (``input_ids[b, :prompt_len[b]]``) of a conversation batch.
+
+    Only rows with a teacher-written target (``kd_weight`` > 0) take part: a solver-written answer (worked arithmetic)
+    is not something the teacher can grade, so the student's own attempt at it would be scored by the wrong judge.
+    """
+    ids, prompt_len = batch["input_ids"], batch["prompt_len"].reshape(-1)
+    weight = batch.get("kd_weight")
+    keep = range(ids.shape[0]) if weight is None else (weight > 0).any(1).nonzero().flatten().tolist()
+    return [ids[b, : int(prompt_len[b])] for b in keep]
+
+
+@torch.no_grad()
+def sample_after_prompts(
+    model: nn.Module,
+    prompts: list[Tensor],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    vocab_size: int | None = None,
+) -> list[Tensor]:
+    """The student's ``max_new_tokens`` after each prompt (prompts of any lengths).
+
+    Prompts of equal length are sampled together (:func:`sample_continuations`, no padding to get wrong); groups go
+    in increasing length, so the draws are a function of the generator's seed and the batch alone.
+    """
+    out: list[Tensor | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(p.numel(), []).append(i)
+    for length in sorted(by_len):
+        rows = by_len[length]
+        new = sample_continuations(
+            model, torch.stack([prompts[i] for i in rows]), max_new_tokens, temperature, generator, vocab_size
+        )
+        for j, i in enumerate(rows):
+            out[i] = new[j]
+    return out  # type: ignore[return-value]
+
+
+def chat_on_policy_batch(
+    prompts: list[Tensor], continuations: list[Tensor], seq_len: int, stop_id: int | None = None
+) -> dict[str, Tensor]:
+    """Right-padded rows of prompt + the student's answer, at most ``seq_len`` wide; labels on the answer only.
+
+    The answer is cut after its first ``stop_id`` (the end of the turn: what follows it the server never shows) and
+    at the block end. ``labels[t]`` is the token at t + 1 where that is a generated token, else -100.
+    """
+    device = prompts[0].device
+    input_ids = torch.zeros(len(prompts), seq_len, dtype=torch.long, device=device)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for b, (prompt, new) in enumerate(zip(prompts, continuations, strict=True)):
+        if stop_id is not None and (new == stop_id).any():
+            new = new[: int((new == stop_id).nonzero()[0]) + 1]
+        seq = torch.cat([prompt, new])[: seq_len + 1]
+        n = min(seq.numel(), seq_len)
+        input_ids[b, :n] = seq[:n]
+        mask[b, :n] = 1
+        p = prompt.numel()
+        labels[b, p - 1 : seq.numel() - 1] = seq[p:]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from autoglm_train.distill.kd_loss import KDLoss
-from autoglm_train.distill.on_policy import is_on_policy, on_policy_batch, sample_continuations, sampling_generator
+from autoglm_train.distill.on_policy import (
+    chat_on_policy_batch,
+    chat_prompts,
+    is_on_policy,
+    on_policy_batch,
+    sample_after_prompts,
+    sample_continuations,
+    sampling_generator,
+)
 from autoglm_train.distill.teacher_agreement import teacher_agreement_and_kl
 from autoglm_train.model.next_token_metrics import perplexity
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
@@ -52,6 +60,13 @@ class DistillTask(L.LightningModule):
             the module tree, its engine is held like the teacher itself.
         seed: base seed of the on-policy coin flips and samples (``loss.lmbda`` > 0); with the micro-batch counter
             kept in the checkpoint it makes a resumed run sample what the uninterrupted one did.
+        stop_token_id: the end-of-turn id: an on-policy answer to a conversation prompt ends after it.
+
+    Batches may carry ``kd_weight`` [B, T] (1 = teacher-written token, 0 = solver-written: CE only, see
+    :class:`~autoglm_train.distill.kd_loss.KDLoss`) and the teacher's cached top-k (``topk_logprobs``/``topk_ids``):
+    training then never runs the teacher, while validation scores against the live teacher when one is loaded (exact
+    full-vocabulary KL and top-1 agreement), over the teacher-written tokens only; ``val/ppl`` counts every target.
+    A ``prompt_len`` column marks conversation rows, which on-policy batches answer after their own prompts.
     """
 
     def __init__(
@@ -64,6 +79,7 @@ class DistillTask(L.LightningModule):
         kd_vocab_size: int,
         shard_teacher: bool = False,
         seed: int = 0,
+        stop_token_id: int | None = None,
     ) -> None:
         super().__init__()
         self.student: nn.Module | None = student if isinstance(student, nn.Module) else None
@@ -78,6 +94,7 @@ class DistillTask(L.LightningModule):
         self._teacher_engine: tuple[Any, ...] = ()  # a tuple, so the engine is not registered as a submodule
         self._val: dict[str, float] = {}
         self.seed = seed
+        self.stop_token_id = stop_token_id
         self._micro_batches = 0  # training micro-batches seen: the on-policy random numbers are a function of it
         if loss.on_policy.lmbda > 0 and teacher is None:
             raise ValueError(f"loss.lmbda={loss.on_policy.lmbda} needs a live teacher to score the student's samples")
@@ -132,7 +149,8 @@ class DistillTask(L.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor], with_ce: bool = True):
         student_hidden = self._hidden(self.student, batch)
-        cached = cached_teacher_topk(batch)
+        # validation uses the live teacher when there is one: its exact distribution, not the cached top-k
+        cached = None if not self.training and self.teacher is not None else cached_teacher_topk(batch)
         teacher_hidden = self._teacher_hidden(batch) if cached is None else None  # cached: the teacher never runs
         return (
             self.loss(
@@ -145,6 +163,7 @@ class DistillTask(L.LightningModule):
                 vocab_size=self.kd_vocab_size,
                 with_ce=with_ce,
                 with_kd=self.training or self.teacher is not None or cached is not None,  # a remote teacher: val CE
+                kd_weight=batch.get("kd_weight"),
             ),
             student_hidden,
             teacher_hidden,
@@ -159,26 +178,34 @@ class DistillTask(L.LightningModule):
     # --- steps ------------------------------------------------------------------------
     def maybe_on_policy(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
         """(the batch to train on, generation seconds or None): with probability ``loss.lmbda`` the student's own
-        continuations of the batch's prefixes (:mod:`autoglm_train.distill.on_policy`), else the batch itself."""
+        continuations of the batch's prefixes, or its answers to a conversation batch's prompts
+        (:mod:`autoglm_train.distill.on_policy`), else the batch itself."""
         spec = self.loss.on_policy
         counter = self._micro_batches
         self._micro_batches += 1
         if not is_on_policy(spec.lmbda, self.seed, counter):
             return batch, None
         ids = batch["input_ids"]
-        if cached_teacher_topk(batch) is not None:
+        chat = "prompt_len" in batch
+        if cached_teacher_topk(batch) is not None and not chat:
             raise ValueError("loss.lmbda > 0 needs the live teacher: the top-k cache scores the data, not the samples")
         if spec.max_new_tokens > ids.shape[1]:
             raise ValueError(f"loss.max_new_tokens={spec.max_new_tokens} > the blocks' {ids.shape[1]} tokens")
+        prompts = chat_prompts(batch) if chat else None
+        if chat and not prompts:
+            return batch, None  # no teacher-written row: nothing the teacher can grade
         _sync(ids.device)
         start = time.perf_counter()
         generator = sampling_generator(self.seed, counter, self.global_rank, ids.device)
-        prompts = ids[:, : ids.shape[1] - spec.max_new_tokens + 1]
-        new = sample_continuations(
-            self.student, prompts, spec.max_new_tokens, spec.temperature, generator, self.kd_vocab_size
-        )
+        args = (spec.max_new_tokens, spec.temperature, generator, self.kd_vocab_size)
+        if chat:
+            new = sample_after_prompts(self.student, prompts, *args)
+            out = chat_on_policy_batch(prompts, new, ids.shape[1], self.stop_token_id)
+        else:
+            new = sample_continuations(self.student, ids[:, : ids.shape[1] - spec.max_new_tokens + 1], *args)
+            out = on_policy_batch(ids, new)
         _sync(ids.device)
-        return on_policy_batch(ids, new), time.perf_counter() - start
+        return out, time.perf_counter() - start
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch, gen_seconds = self.maybe_on_policy(batch)
@@ -194,38 +221,45 @@ class DistillTask(L.LightningModule):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val = {"nll": 0.0, "tokens": 0.0, "agree": 0.0, "kl": 0.0}
+        self._val = {"nll": 0.0, "tokens": 0.0, "agree": 0.0, "kl": 0.0, "kd_tokens": 0.0}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out, agree, kl = call_through_root(self.student, self._val_metrics, batch)
+        out, agree, kl, kd_tokens = call_through_root(self.student, self._val_metrics, batch)
         n = float(out.num_tokens)
         self._val["nll"] += float(out.ce_loss) * n
         self._val["tokens"] += n
         if agree is not None:
-            self._val["agree"] += float(agree) * n
-            self._val["kl"] += float(kl) * n
+            self._val["agree"] += float(agree) * kd_tokens
+            self._val["kl"] += float(kl) * kd_tokens
+            self._val["kd_tokens"] += kd_tokens
 
     def _val_metrics(self, batch: dict[str, torch.Tensor]):
+        """(loss, top-1 agreement, KL, the tokens those two are means over): the teacher metrics count the
+        teacher-written target tokens only when the batch says which they are (``kd_weight`` > 0)."""
         out, student_hidden, teacher_hidden = self._loss(batch)
         if teacher_hidden is None:
-            return out, None, None
+            return out, None, None, 0.0
+        labels = batch["labels"]
+        if "kd_weight" in batch:
+            labels = labels.masked_fill(batch["kd_weight"] <= 0, self.loss.ignore_index)
         agree, kl = teacher_agreement_and_kl(
             student_hidden,
             split_lm(self.student)[1],
             teacher_hidden,
             split_lm(self.teacher)[1],
-            batch["labels"],
+            labels,
             self.kd_vocab_size,
             self.loss.chunk_size,
         )
-        return out, agree, kl
+        return out, agree, kl, float((labels != self.loss.ignore_index).sum())
 
     def on_validation_epoch_end(self) -> None:
         tokens = max(self._val["tokens"], 1.0)
         metrics = {"val/loss": self._val["nll"] / tokens, "val/ppl": perplexity(self._val["nll"], tokens)}
         if self.teacher is not None:
-            metrics["val/teacher_top1_agreement"] = self._val["agree"] / tokens
-            metrics["val/kl_to_teacher"] = self._val["kl"] / tokens
+            kd_tokens = max(self._val["kd_tokens"], 1.0)
+            metrics["val/teacher_top1_agreement"] = self._val["agree"] / kd_tokens
+            metrics["val/kl_to_teacher"] = self._val["kl"] / kd_tokens
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
