@@ -24,9 +24,11 @@ def attach_teacher_answers(
     if not isinstance(data, AssistantDataModule):
         return None
     from autoglm_train.distill.teacher_answers import AnswerSpec, teacher_answers, teacher_fingerprint
+    from autoglm_train.model.thinking import template_thinks
 
     spec = AnswerSpec(**cfg.recipe.teacher_answers)
-    prompts = data.teacher_prompts()
+    own = tokenizer.chat_template  # the teacher's own template (the student shares the teacher's tokenizer)
+    prompts = data.teacher_prompts(own, teacher_thinks=template_thinks(tokenizer))
     if not teacher_spec.load_in_8bit:  # bitsandbytes int8 weights are placed at load time
         teacher.to(trainer.strategy.root_device)
     answers, stats = teacher_answers(

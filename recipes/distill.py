@@ -135,7 +135,10 @@ def run(cfg: DictConfig) -> dict:
     if final is None:
         return {"recipe": "distill", "global_rank": trainer.global_rank}
     student_dir = save_hf_decoder(final, tokenizer, out_dir / "student")
-    samples = _samples(final, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens))
+    template = getattr(data, "template", None)  # conversations: samples asked as the server asks them
+    samples = _samples(
+        final, tokenizer, list(cfg.recipe.sample_prompts), int(cfg.recipe.sample_max_new_tokens), template
+    )
 
     # 7. The int8 serving form (PTQ of the saved student) in student_int8/, loaded back and scored against the
     #    float student on held-out batches; the export ships that same file while the student is unchanged.
@@ -305,11 +308,16 @@ def _int8_form(final, student_dir: Path, ptq, data, kd_vocab: int, out_dir: Path
 
 
 @torch.no_grad()
-def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, str]:
+def _samples(model, tokenizer, prompts: list[str], max_new_tokens: int, template: str | None) -> dict[str, str]:
+    """Greedy continuations of ``prompts``; with a chat ``template``, answers to them as user turns (thinking off)."""
+    from autoglm_train.model.prompt_format import render_chat
+
     model.eval()
     out = {}
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        chat = [{"role": "user", "content": prompt}]
+        text = render_chat(tokenizer, template, chat, {"enable_thinking": False}) if template else prompt
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=template is None).input_ids.to(model.device)
         new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out[prompt] = tokenizer.decode(new[0, ids.shape[1] :], skip_special_tokens=True)
         log.info("sample %r -> %r", prompt, out[prompt])

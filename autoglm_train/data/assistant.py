@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from autoglm_train.data.chat import encode_conversation, thinks, to_row
+from autoglm_train.data.chat import encode_conversation, prompt_ids, thinks, to_row
 from autoglm_train.data.chat_reader import read_chat
 from autoglm_train.data.reader import ReadReport
 from autoglm_train.data.spec import BatchingSpec, TextDataSpec
@@ -103,10 +103,13 @@ class TeacherTurn(Protocol):
 
 def builtin_prompts_dir(spec: AssistantDataSpec) -> Path:
     """The default prompt sets for these sizes and seed, generated on first use (atomically) and reused after."""
-    from autoglm_train.data.assistant_prompts import write_prompt_sets
+    from autoglm_train.data.assistant_prompts import prompt_sets_fingerprint, write_prompt_sets
+    from autoglm_train.data.verifiable.families import FAMILIES
 
-    sizes = {"chat_train": spec.chat_train, "verifiable_train": spec.verifiable_train, "families": spec.families}
-    key = hashlib.sha256(json.dumps({**sizes, "seed": spec.seed}, sort_keys=True).encode()).hexdigest()
+    families = list(spec.families or FAMILIES)
+    sizes = {"chat_train": spec.chat_train, "verifiable_train": spec.verifiable_train, "families": families}
+    made_from = {**sizes, "seed": spec.seed, "sources": prompt_sets_fingerprint()}
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
     out = Path(spec.cache_dir) / "assistant" / key[:16]
     if (out / "sources.json").is_file():
         return out
@@ -153,13 +156,17 @@ def history(doc: dict) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in doc["messages"]]
 
 
-def teacher_row(tokenizer, template: str, doc: dict, answer: TeacherTurn, seq_len: int) -> dict[str, Any] | None:
-    """The row of a prompt and the teacher's answer (see the module docstring); None if no answer token fits."""
+def teacher_row(
+    tokenizer, template: str, doc: dict, answer: TeacherTurn, seq_len: int, thinking: bool = False
+) -> dict[str, Any] | None:
+    """The row of a prompt (rendered with the bundle's ``template``, as served, with the ``thinking`` switch the
+    teacher was asked with) and the teacher's answer ids (see the module docstring); None if no answer token fits."""
     placeholder = {"role": "assistant", "content": "."}  # only the prompt part of the encoding is kept
     ids, target, p = encode_conversation(tokenizer, template, [*history(doc), placeholder], False)
+    if thinking:  # the open generation prompt: the thinking-off one without its empty think block
+        ids = prompt_ids(tokenizer, template, history(doc), True)
+        target, p = target[: len(ids)], len(ids)
     prompt, prompt_target = ids[:p], target[:p]
-    if list(answer.prompt_ids) != prompt:
-        raise ValueError("a teacher answer's prompt ids differ from the prompt rendered for its row (stale answers?)")
     answer_ids = list(answer.answer_ids)
     row = to_row(prompt + answer_ids, prompt_target + [True] * len(answer_ids), seq_len, tokenizer.pad_token_id)
     if row is None:
@@ -206,7 +213,7 @@ class RowTable:
 
 def build_rows(
     docs: list[tuple[int, dict]],
-    answers: dict[int, TeacherTurn],
+    answers: dict[int, tuple[TeacherTurn, bool]],
     spec: AssistantDataSpec,
     tokenizer,
     template: str,
@@ -216,7 +223,8 @@ def build_rows(
     rows = []
     for position, doc in docs:
         if is_prompt(doc):
-            row = teacher_row(tokenizer, template, doc, answers[position], spec.seq_len)
+            answer, thinking = answers[position]
+            row = teacher_row(tokenizer, template, doc, answer, spec.seq_len, thinking)
             kind = "teacher_rows"
         else:
             on = thinks(spec.seed, position, spec.thinking_share)

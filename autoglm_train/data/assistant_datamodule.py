@@ -28,7 +28,7 @@ from autoglm_train.data.assistant import (
     read_conversations,
 )
 from autoglm_train.data.build import PackedText
-from autoglm_train.data.chat import prompt_ids
+from autoglm_train.data.chat import prompt_ids, thinks
 from autoglm_train.data.datamodule import TextDataModule
 from autoglm_train.data.loader import ResumableLoader
 from autoglm_train.data.text import split_documents
@@ -63,17 +63,34 @@ class AssistantDataModule(TextDataModule):
         train, val = self.conversations()
         return sorted(pos for pos, doc in [*train, *val] if is_prompt(doc))
 
-    def teacher_prompts(self) -> list[list[int]]:
-        """The prompt ids of every prompt-only row (thinking off: the teacher answers directly), in source order."""
+    def teacher_prompts(self, template: str | None = None, teacher_thinks: bool = False) -> list[list[int]]:
+        """The ids the teacher answers, one per prompt-only row in source order: the row rendered with the teacher's
+        own chat ``template`` (None: the tokenizer's own, which is the teacher's), as the teacher is used.
+
+        Why not the bundle's: a teacher never trained on the bundle's empty think block answers worse after it (the
+        embedded SmolLM2 repeats itself or answers ``The answer is: "Paris"``); the student learns the teacher's
+        answer after the prompt it is served with. A teacher that thinks (``teacher_thinks``) is asked to think on a
+        row's coin (``thinking_share``), and the student's prompt gets the same switch.
+        """
         docs = dict(p for p in [*self.conversations()[0], *self.conversations()[1]])
-        return [prompt_ids(self.tokenizer, self.template, history(docs[i]), False) for i in self._prompt_positions()]
+        positions = self._prompt_positions()
+        self._thinking = {
+            pos: teacher_thinks and thinks(self.spec.seed, pos, self.spec.thinking_share) for pos in positions
+        }
+        self._teacher_prompts = [
+            prompt_ids(self.tokenizer, template, history(docs[pos]), self._thinking[pos]) for pos in positions
+        ]
+        return self._teacher_prompts
 
     def attach_teacher_answers(self, answers: Sequence[TeacherTurn]) -> None:
         """The teacher's answers, one per :meth:`teacher_prompts` entry and in its order."""
         positions = self._prompt_positions()
         if len(answers) != len(positions):
             raise ValueError(f"{len(answers)} teacher answers for {len(positions)} prompts")
-        self._answers = dict(zip(positions, answers, strict=True))
+        asked = getattr(self, "_teacher_prompts", None)
+        if asked is None or any(list(a.prompt_ids) != p for a, p in zip(answers, asked, strict=True)):
+            raise ValueError("teacher answers do not answer the prompts of teacher_prompts() (stale answers?)")
+        self._answers = {pos: (answer, self._thinking[pos]) for pos, answer in zip(positions, answers, strict=True)}
 
     def prepare_data(self) -> None:
         """Nothing to build ahead: rows are built in memory at ``setup`` (the text mixed in is packed here)."""
@@ -87,7 +104,7 @@ class AssistantDataModule(TextDataModule):
         if self._answers is None and self._prompt_positions():
             raise RuntimeError("data=assistant: attach_teacher_answers() must run before setup() (the recipe does)")
         answers = self._answers or {}
-        k = next((a.topk_ids.shape[-1] for a in answers.values()), 1)
+        k = next((a.topk_ids.shape[-1] for a, _ in answers.values()), 1)
         stats = dict.fromkeys(("teacher_rows", "written_rows", "thinking_on", "truncated", "no_target"), 0)
         stats["teacher_tokens"] = 0
         splits = {}

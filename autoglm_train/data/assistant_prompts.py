@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_train.data.prompt_sources import (
+    ASSETS,
     SYSTEM_PROMPTS,
     handwritten_chat,
     heldout_chat,
@@ -175,6 +176,21 @@ def _sources(counts: dict[str, Any], seed: int, families: Sequence[str]) -> dict
             },
         },
     }
+
+
+def prompt_sets_fingerprint() -> str:
+    """sha256 of everything the sets are made from (the asset files and the generators' source): a cache of written
+    sets is stale when it changes."""
+    import hashlib
+
+    from autoglm_train.data import prompt_sources
+    from autoglm_train.data.verifiable import families
+
+    digest = hashlib.sha256()
+    sources = [Path(__file__), Path(prompt_sources.__file__), Path(families.__file__)]
+    for path in [*sources, *sorted(p for p in ASSETS.rglob("*") if p.is_file())]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def write_prompt_sets(

@@ -73,6 +73,7 @@ class ChatDataModule(TextDataModule):
 
     def __init__(self, spec: ChatDataSpec, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__(spec, tokenizer)  # type: ignore[arg-type]  # the loaders read only the shared fields
+        self.template = bundle_chat_template(tokenizer)
 
     def prepare_data(self) -> None:
         """Nothing to build ahead: rows are rendered in memory at ``setup``."""
