@@ -86,6 +86,14 @@ def test_training_verifiable_never_emits_a_heldout_problem() -> None:
         assert problem_key(item) not in keys and normalise(item.question) not in questions
 
 
+def test_a_family_subsets_heldout_set_is_never_trained_on() -> None:
+    # 300 held-out questions over 2 families take 150 of each: more than the 50 each of the all-family set
+    subset = ["weekday", "digit_sum"]
+    held = {problem_key(i) for i in heldout_verifiable(subset)}
+    assert len(held) == 300
+    assert not held & {problem_key(i) for i in train_verifiable(2000, subset, seed=0)}
+
+
 def test_heldout_verifiable_does_not_move_with_the_family_list() -> None:
     alone = heldout_verifiable(["addition"], count=20)
     mixed = [item for item in heldout_verifiable(FAMILIES, count=120) if item.family == "addition"]

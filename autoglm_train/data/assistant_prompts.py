@@ -113,7 +113,7 @@ def heldout_verifiable(families: Sequence[str] = FAMILIES, count: int = HELDOUT_
 def train_verifiable(count: int, families: Sequence[str], seed: int) -> list[VerifiableItem]:
     """``count`` training items, round-robin over ``families``; a held-out problem (of any family) is redrawn."""
     names = check_families(families)
-    heldout = heldout_verifiable(FAMILIES)
+    heldout = [*heldout_verifiable(FAMILIES), *heldout_verifiable(names)]  # every family's, and this list's own
     banned_keys = {problem_key(item) for item in heldout}
     banned_questions = {normalise(item.question) for item in heldout}
     rng = random.Random(f"verifiable:{seed}")
