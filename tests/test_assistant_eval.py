@@ -1,0 +1,185 @@
+"""The assistant judged through a real server (uvicorn on 127.0.0.1, the test bundle): KL to the teacher on its
+answers against an in-process computation, the thinking switch seen by the openai client, the plain-English check
+and per-family accuracy on hand-made answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import openai
+import pytest
+import torch
+
+from autoglm_train.engine.bundle import read_bundle
+from autoglm_train.engine.engine import Engine
+from autoglm_train.eval.assistant import degeneracy
+from autoglm_train.eval.verifiable import Answered, Question, Reply, score
+from autoglm_train.serve.app import create_app
+from autoglm_train.serve.config import ServerConfig
+from autoglm_train.serve.local import running_server
+from tests.serve_support import ANSWER, KEY, MODEL, QUESTION, REASONING, one_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def url(bundles):
+    app = create_app(
+        ServerConfig(bundle=str(bundles.full), api_keys=[KEY], rate_limit=None), Engine(read_bundle(bundles.full))
+    )
+    with running_server(app) as base:
+        yield f"{base}/v1"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundles):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundles.full / "decoder")
+
+
+def _chat_items(tokenizer) -> list[dict]:
+    """Two held-out prompts rendered thinking-off as the server renders them, with 'teacher answers' of different
+    lengths; the teacher's log-probs and top-1 ids are made up (any teacher's would do for the estimator)."""
+    from autoglm_train.data.chat import prompt_ids
+
+    rows = []
+    for messages, answer in ((QUESTION, ANSWER), ([{"role": "user", "content": "Say hello."}], "Hello there, friend")):
+        ids = prompt_ids(tokenizer, tokenizer.chat_template, messages, enable_thinking=False)
+        answer_ids = [
+            *tokenizer(answer, add_special_tokens=False).input_ids,
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        ]
+        logprobs = [-0.25 * (i + 1) for i in range(len(answer_ids))]
+        rows.append({"messages": messages, "prompt_ids": ids, "answer_ids": answer_ids, "teacher_logprobs": logprobs})
+    return rows
+
+
+def _in_process(bundles, tokenizer, rows: list[dict]) -> tuple[list[list[float]], list[list[int]]]:
+    """The bundle decoder's own log-prob and argmax at each answer position (over the served vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    decoder = AutoModelForCausalLM.from_pretrained(bundles.full / "decoder").eval()
+    limit = min(len(tokenizer), decoder.config.vocab_size)
+    logprobs, argmax = [], []
+    for row in rows:
+        ids = torch.tensor([[*row["prompt_ids"], *row["answer_ids"]]])
+        with torch.no_grad():
+            logp = torch.log_softmax(decoder(ids).logits[0, :-1, :limit].float(), dim=-1)
+        at = range(len(row["prompt_ids"]) - 1, ids.shape[1] - 1)
+        logprobs.append([logp[t, ids[0, t + 1]].item() for t in at])
+        argmax.append([int(logp[t].argmax()) for t in at])
+    return logprobs, argmax
+
+
+def _run_client(url: str, tmp_path, *args: str) -> dict:
+    from autoglm_train.eval.client import main
+
+    out = tmp_path / "server.json"
+    main(["--base-url", url, "--api-key", KEY, "--json", str(out), "--workers", "3", *args])
+    return json.loads(out.read_text())
+
+
+def test_kl_to_teacher_through_the_server_equals_the_in_process_estimate(url, bundles, tokenizer, tmp_path):
+    rows = _chat_items(tokenizer)
+    student, argmax = _in_process(bundles, tokenizer, rows)
+    # the teacher agrees with the student's top-1 at even positions only: agreement is neither 0 nor 1
+    for row, top in zip(rows, argmax, strict=True):
+        row["teacher_top1"] = [t if i % 2 == 0 else (t + 1) % 1000 for i, t in enumerate(top)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    result = _run_client(url, tmp_path, "--chat", str(tmp_path / "chat.jsonl"), "--chat-tokens", "12")
+
+    teacher = [lp for r in rows for lp in r["teacher_logprobs"]]
+    served = [lp for s in student for lp in s]
+    expected_kl = sum(t - s for t, s in zip(teacher, served, strict=True)) / len(served)  # mean over all tokens
+    agree = sum(i % 2 == 0 for a in argmax for i in range(len(a))) / len(served)
+    metrics, counts = result["metrics"], result["counts"]
+    assert counts["chat/kl_to_teacher"] == len(served) == sum(len(r["answer_ids"]) for r in rows)
+    assert math.isclose(metrics["chat/kl_to_teacher"], expected_kl, abs_tol=1e-3)
+    assert math.isclose(metrics["chat/teacher_top1_agreement"], agree, abs_tol=1e-9) and 0 < agree < 1
+    # the greedy answers come back with the (prompt, answer) samples and a verdict each
+    assert counts["chat/non_degenerate_english"] == 2 and len(result["samples"]["chat"]) == 2
+    sample = result["samples"]["chat"][0]
+    assert sample["prompt"] == QUESTION[0]["content"] and (sample["degenerate"] is None) == (
+        degeneracy(sample["answer"]) is None
+    )
+
+
+def test_a_chat_row_with_a_bad_field_is_named(url, tmp_path):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": QUESTION, "prompt_ids": [1], "answer_ids": "x"}))
+    with pytest.raises(SystemExit, match=r"chat.jsonl:1: field 'answer_ids' must be a non-empty list of int"):
+        _run_client(url, tmp_path, "--chat", str(tmp_path / "chat.jsonl"))
+
+
+def test_thinking_off_answers_carry_no_reasoning_and_thinking_on_ones_do(url, tmp_path):
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30)
+
+    def ask(thinking: bool):
+        extra = {"enable_thinking": thinking, "return_reasoning": True}
+        reply = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, extra_body=extra
+        )
+        return reply.choices[0].message
+
+    on, off = ask(True), ask(False)
+    assert on.model_extra["reasoning_content"] == REASONING and on.content == ANSWER
+    assert not off.model_extra.get("reasoning_content")
+    # the evaluation counts the same: the micro model answers "four", the gold answer here
+    rows = [{"messages": QUESTION, "answer": "four", "family": "words"}] * 2
+    (tmp_path / "verifiable.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ("--verifiable", str(tmp_path / "verifiable.jsonl"), "--think-tokens", "40", "--direct-tokens", "12")
+    result = _run_client(url, tmp_path, *args)
+    metrics = result["metrics"]
+    assert metrics["verifiable/reasoning_share_on"] == 1.0 and metrics["verifiable/reasoning_count_off"] == 0
+    assert metrics["verifiable/accuracy_thinking_on"] == metrics["verifiable/accuracy_thinking_on/words"] == 1.0
+    sample = result["samples"]["verifiable"][0]
+    assert sample["thinking_on"]["reasoning_content"] == REASONING and sample["thinking_on"]["correct"]
+    assert sample["thinking_off"]["reasoning_content"] is None
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("The capital of France is Paris.", None),
+        ("Boil water, add the tea bag, wait three minutes.", None),
+        ("IAGO.\n\n[Enter]\n\n[Enter]", "distinct words"),
+        ("", "0 distinct words"),
+        ("cat cat cat cat cat, the dog sat", "'cat' is 4 of 8 tokens"),
+        ("Paris is the capital: 巴黎是法国的首都，法国的首都是巴黎", "characters are ASCII"),
+        ("I am a man, and I will not be.", None),
+    ],
+)
+def test_degenerate_english_on_hand_examples(text, reason):
+    got = degeneracy(text)
+    assert got is None if reason is None else (got is not None and reason in got)
+
+
+def test_per_family_accuracy_on_a_hand_made_response_set():
+    def answered(family: str, gold: str, on: str, off: str, on_reasoning: str | None = "7+9=16") -> Answered:
+        question = Question([{"role": "user", "content": "?"}], gold, family)
+        return Answered(question, Reply(on, on_reasoning), Reply(off, None))
+
+    replies = [
+        answered("addition", "737", "The answer is 737.", "The answer is 736."),
+        answered("addition", "120", "The answer is 120.", "The answer is 120."),
+        answered("addition", "5", "The answer is 6.", "5"),  # off: no "The answer is" sentence, wrong
+        answered("weekday", "Monday", "The answer is monday.", "The answer is Tuesday.", on_reasoning="  "),
+    ]
+    rows = {r.metric: r for r in score(replies)}
+    value = {name: r.value for name, r in rows.items()}
+    assert value["verifiable/accuracy_thinking_on"] == 0.75 and value["verifiable/accuracy_thinking_off"] == 0.25
+    assert value["verifiable/accuracy_thinking_on/addition"] == pytest.approx(2 / 3)
+    assert value["verifiable/accuracy_thinking_off/addition"] == pytest.approx(1 / 3)
+    assert (
+        value["verifiable/accuracy_thinking_on/weekday"] == 1.0
+        and value["verifiable/accuracy_thinking_off/weekday"] == 0
+    )
+    assert rows["verifiable/accuracy_thinking_on/addition"].count == 3
+    assert value["verifiable/thinking_gain"] == 0.5
+    assert value["verifiable/reasoning_share_on"] == 0.75 and value["verifiable/reasoning_count_off"] == 0
