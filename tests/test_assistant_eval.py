@@ -183,3 +183,35 @@ def test_per_family_accuracy_on_a_hand_made_response_set():
     assert rows["verifiable/accuracy_thinking_on/addition"].count == 3
     assert value["verifiable/thinking_gain"] == 0.5
     assert value["verifiable/reasoning_share_on"] == 0.75 and value["verifiable/reasoning_count_off"] == 0
+
+
+def test_report_shows_the_assistant_section_with_the_served_numbers_and_answers(url, tokenizer, tmp_path):
+    from autoglm_train.pipeline.report import write_report
+    from tests.pipeline_support import check_report_cells
+
+    data = tmp_path / "eval" / "data"
+    data.mkdir(parents=True)
+    rows = _chat_items(tokenizer)
+    for row in rows:
+        row["teacher_top1"] = row["answer_ids"]
+    (data / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    question = {"messages": QUESTION, "answer": "four", "family": "words"}
+    (data / "verifiable.jsonl").write_text(json.dumps(question) + "\n")
+    built = {"generated": 2, "reused": 0, "seconds": 1.5, "answer_tokens": 9, "finished_share": 1.0}
+    manifest = {"chat": {"items": 2, "file": "chat.jsonl", "teacher_answers": built}, "verifiable": {"items": 1}}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    from autoglm_train.eval.client import main
+
+    args = ["--chat", str(data / "chat.jsonl"), "--verifiable", str(data / "verifiable.jsonl")]
+    main(["--base-url", url, "--api-key", KEY, "--json", str(tmp_path / "eval" / "server.json"), *args])
+
+    markdown = write_report(tmp_path).read_text()
+    section = markdown.split("## The assistant, through the server", 1)[1]
+    for name in ("chat/kl_to_teacher", "chat/non_degenerate_english", "verifiable/accuracy_thinking_on"):
+        assert f"| {name} |" in section
+    assert "| words | 1 |" in section  # the per-family table
+    assert REASONING in section and QUESTION[0]["content"] in section  # a served thinking-on answer, and a prompt
+    assert "2 generated and 0 reused" in section
+    # every number in the section is the evaluation's own, and the server table no longer repeats these rows
+    assert check_report_cells(tmp_path) >= 10
+    assert "| chat/kl_to_teacher |" not in markdown.split("## The assistant, through the server", 1)[0]
