@@ -93,8 +93,9 @@ def _build_note(root: Path) -> Para | None:
         built = chat.get("teacher_answers") or {}
         parts.append(
             f"{chat['items']} held-out chat prompts; the teacher's answers ({built.get('answer_tokens', '?')} tokens, "
-            f"{fmt(built.get('finished_share'))} finished) were {built.get('generated', '?')} generated and "
-            f"{built.get('reused', '?')} reused from the cache in {fmt(built.get('seconds'))} s"
+            f"a share {fmt(built.get('finished_share'))} of them finished) were "
+            f"{built.get('generated', '?')} generated and {built.get('reused', '?')} reused from the cache "
+            f"in {fmt(built.get('seconds'))} s"
         )
     if data.get("verifiable"):
         parts.append(f"{data['verifiable']['items']} held-out verifiable questions")
