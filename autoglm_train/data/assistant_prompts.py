@@ -203,7 +203,9 @@ def write_prompt_sets(
         }
         for item in heldout_verifiable(names)
     ]
-    for name, rows in zip(FILES, (chat, [verifiable_row(i) for i in verifiable], held_chat, held_verifiable)):
+    for name, rows in zip(
+        FILES, (chat, [verifiable_row(i) for i in verifiable], held_chat, held_verifiable), strict=True
+    ):
         _write_jsonl(out_dir / name, rows)
     counts = {
         "train_chat": len(chat),
