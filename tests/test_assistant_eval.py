@@ -215,3 +215,49 @@ def test_report_shows_the_assistant_section_with_the_served_numbers_and_answers(
     # every number in the section is the evaluation's own, and the server table no longer repeats these rows
     assert check_report_cells(tmp_path) >= 10
     assert "| chat/kl_to_teacher |" not in markdown.split("## The assistant, through the server", 1)[0]
+
+
+def _run_dir(root, bundles, tokenizer):
+    """A distill run folder as the held-out stage reads it: its config names a local teacher (here the test bundle's
+    own decoder, so the student IS the teacher) and a cache folder; ``student/`` holds its tokenizer."""
+    from omegaconf import OmegaConf
+
+    run = root / "distill"
+    teacher = {"_target_": "autoglm_train.distill.teacher.TeacherSpec", "path": str(bundles.full / "decoder")}
+    config = {"teacher": teacher, "paths": {"cache_dir": str(root / "cache")}}
+    (run / "hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), run / "hydra" / "config.yaml")
+    tokenizer.save_pretrained(run / "student")
+    return run
+
+
+def test_held_out_chat_answers_are_the_teachers_samples_under_the_served_rendering(url, bundles, tokenizer, tmp_path):
+    from autoglm_train.data.prompt_sources import heldout_chat
+    from autoglm_train.data.verifiable.families import FAMILIES
+    from autoglm_train.pipeline.heldout_assistant import write_chat, write_verifiable
+
+    run = _run_dir(tmp_path, bundles, tokenizer)
+    out = tmp_path / "data"
+    out.mkdir()
+    stats = write_chat(run, bundles.full, out, count=3, max_new_tokens=6)
+    assert stats["items"] == 3 and stats["generated"] == 3 and stats["answer_tokens"] > 0
+    rows = [json.loads(line) for line in (out / "chat.jsonl").read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == heldout_chat()[:3]
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=30)
+    for row in rows:  # the prompt ids are the server's own for these messages, thinking off
+        reply = client.chat.completions.create(
+            model=MODEL, messages=row["messages"], max_tokens=1, extra_body={"enable_thinking": False}
+        )
+        assert reply.usage.prompt_tokens == len(row["prompt_ids"])
+        assert tokenizer.decode(row["prompt_ids"]).endswith("<think>\n\n</think>\n\n")
+    # the teacher is the served model: the estimate of KL(teacher||student) is 0 and the top-1 ids all agree
+    result = _run_client(url, tmp_path, "--chat", str(out / "chat.jsonl"), "--chat-tokens", "4")
+    assert abs(result["metrics"]["chat/kl_to_teacher"]) < 1e-3
+    assert result["metrics"]["chat/teacher_top1_agreement"] == 1.0
+    # a second build reuses every cached answer and writes the same file
+    before = (out / "chat.jsonl").read_text()
+    again = write_chat(run, bundles.full, out, count=3, max_new_tokens=6)
+    assert (again["generated"], again["reused"]) == (0, 3) and (out / "chat.jsonl").read_text() == before
+    assert write_verifiable(out, 12) == 12
+    questions = [json.loads(line) for line in (out / "verifiable.jsonl").read_text().splitlines()]
+    assert {q["family"] for q in questions} == set(FAMILIES) and all(q["answer"] for q in questions)
