@@ -1,7 +1,8 @@
 """Evaluate a running OpenAI-compatible server on held-out data and print a table.
 
     python tools/eval_server.py --base-url http://127.0.0.1:8000/v1 --api-key KEY --text heldout.txt \\
-        [--teacher-url http://127.0.0.1:8001/v1 | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl]
+        [--teacher-url http://127.0.0.1:8001/v1 | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl] \\
+        [--chat chat.jsonl] [--verifiable verifiable.jsonl]
 
 - **perplexity** (and greedy next-token accuracy) of ``--text`` from ``/v1/completions`` prompt
   logprobs (``echo=true, max_tokens=0, logprobs=1``), exactly what lm-eval's loglikelihood uses;
