@@ -56,6 +56,8 @@ def test_quick_pipeline_fails_clearly_then_resumes_to_an_evaluated_bundle_and_re
     served = json.loads((root / "eval" / "server.json").read_text())["metrics"]
     for key in ("text/perplexity", "text/teacher_top1_agreement", "vision/digit_accuracy", "speech/wer"):
         assert served.get(key) is not None, key
+    for key in ("chat/kl_to_teacher", "chat/non_degenerate_english", "verifiable/accuracy_thinking_on"):
+        assert served.get(key) is not None, key  # the assistant, judged on the held-out chat and verifiable sets
     port = int(re.search(r"ready: http://127.0.0.1:(\d+)/v1", (root / "logs" / "server.log").read_text()).group(1))
     assert _refuses_connections(port)  # the server was stopped
 
@@ -65,6 +67,7 @@ def test_quick_pipeline_fails_clearly_then_resumes_to_an_evaluated_bundle_and_re
     assert f"| gate (mean over held-out) | {fmt(vision['test/gate_vision'])} | {fmt(speech['test/gate_speech'])} |" in (
         report
     )
+    assert "## The assistant, through the server" in report and "| chat/kl_to_teacher |" in report
     assert check_report_cells(root) >= 40
     assert {"distill.png", "plugins.png", "report.html", "report.json"} <= {p.name for p in (root / "report").iterdir()}
 

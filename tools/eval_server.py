@@ -1,7 +1,8 @@
 """Evaluate a running autoglm-train (or any OpenAI-compatible) server on held-out data; prints a table.
 
     python tools/eval_server.py --base-url http://127.0.0.1:8000/v1 --api-key KEY --text heldout.txt \
-        [--teacher-url URL | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl] [--json out.json]
+        [--teacher-url URL | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl] \
+        [--chat chat.jsonl] [--verifiable verifiable.jsonl] [--json out.json]
 
 The same as ``python -m autoglm_train.eval.client``; see ``--help``.
 """

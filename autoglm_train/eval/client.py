@@ -1,12 +1,16 @@
 """Evaluate a running OpenAI-compatible server on held-out data and print a table.
 
     python tools/eval_server.py --base-url http://127.0.0.1:8000/v1 --api-key KEY --text heldout.txt \\
-        [--teacher-url http://127.0.0.1:8001/v1 | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl]
+        [--teacher-url http://127.0.0.1:8001/v1 | --teacher HF_DIR] [--images digits.jsonl] [--audio speech.jsonl] \\
+        [--chat chat.jsonl] [--verifiable verifiable.jsonl]
 
 - **perplexity** (and greedy next-token accuracy) of ``--text`` from ``/v1/completions`` prompt
   logprobs (``echo=true, max_tokens=0, logprobs=1``), exactly what lm-eval's loglikelihood uses;
 - **teacher agreement**: how often the served model's most likely next token is the teacher's,
   where both tokenize a text the same way; the teacher is another such server or a local HF model;
+- **the assistant** on ``--chat`` (held-out chat prompts with teacher answers: KL(teacher‖student) and top-1
+  agreement on the teacher's answers, the share of non-degenerate English answers; :mod:`.assistant`) and
+  ``--verifiable`` (held-out questions asked thinking on and off: accuracy, reasoning_content; :mod:`.verifiable`);
 - **digit accuracy** of ``--images`` (jsonl: ``{"image": "a.png", "label": "7"}``) and **WER** of
   ``--audio`` (jsonl: ``{"audio": "a.wav", "text": "..."}``) through chat image/audio content parts
   (a row's optional ``prompt`` and ``max_tokens`` override the defaults).
@@ -46,6 +50,8 @@ class Row:
 class Report:
     model: str
     rows: list[Row] = field(default_factory=list)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """A few served answers per kind (``chat``, ``verifiable``), for the report."""
 
     def table(self) -> str:
         header = ("metric", "value", "n", "seconds", "note")
@@ -67,6 +73,7 @@ class Report:
             "metrics": {r.metric: r.value for r in self.rows},
             "counts": {r.metric: r.count for r in self.rows},
             "rows": [vars(r) for r in self.rows],
+            "samples": self.samples,
         }
 
 
@@ -94,6 +101,16 @@ class Server:
     def prompt_logprobs(self, text: str) -> dict[str, Any]:
         body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
         return self._post("/completions", body)["choices"][0]["logprobs"]
+
+    def token_logprobs(self, ids: list[int]) -> dict[str, Any]:
+        """The served log-prob of every token of a token-id prompt, tokens named ``token_id:N``."""
+        body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+        return self._post("/completions", {**body, "return_tokens_as_token_ids": True})["choices"][0]["logprobs"]
+
+    def chat_message(self, messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> dict[str, Any]:
+        """The greedy assistant message for ``messages``; ``extra``: ``enable_thinking``, ``return_reasoning``."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+        return self._post("/chat/completions", body)["choices"][0]["message"]
 
     def chat(self, content: list[dict[str, Any]], max_tokens: int) -> str:
         body = {
@@ -240,11 +257,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", help="jsonl of {'image': path, 'label': digit[, 'prompt']}")
     p.add_argument("--audio", help="jsonl of {'audio': wav path, 'text': reference[, 'prompt']}")
     p.add_argument("--max-items", type=int, default=100, help="images / clips evaluated at most")
+    p.add_argument("--chat", help="chat.jsonl of held-out prompts with teacher answers (pipeline.heldout)")
+    p.add_argument("--verifiable", help="verifiable.jsonl of held-out questions with answers and families")
+    p.add_argument("--max-prompts", type=int, default=1000, help="chat prompts and questions evaluated at most, each")
+    p.add_argument("--chat-tokens", type=int, default=48, help="tokens per greedy chat answer")
+    p.add_argument("--think-tokens", type=int, default=160, help="tokens per thinking-on answer")
+    p.add_argument("--direct-tokens", type=int, default=24, help="tokens per thinking-off answer")
+    p.add_argument("--workers", type=int, default=8, help="chat requests in flight (the server batches them)")
+    p.add_argument("--time-limit", type=float, default=1800.0, help="seconds; chat items not started by then skip")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per transcription")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    if not (args.text or args.images or args.audio):
-        p.error("nothing to evaluate: give --text, --images and/or --audio")
+    if not (args.text or args.images or args.audio or args.chat or args.verifiable):
+        p.error("nothing to evaluate: give --text, --images, --audio, --chat and/or --verifiable")
     if (args.teacher or args.teacher_url) and not args.text:
         p.error("teacher agreement needs --text")
     return args
@@ -269,7 +294,27 @@ def evaluate(args: argparse.Namespace) -> Report:
     if args.audio:
         rows = read_jsonl(args.audio, args.max_items)
         report.rows.append(wer_row(server, rows, Path(args.audio).parent, args.max_tokens))
+    assistant_rows(server, report, args)
     return report
+
+
+def assistant_rows(server: Server, report: Report, args: argparse.Namespace) -> None:
+    """The held-out chat and verifiable metrics (and a few served answers) of ``--chat`` / ``--verifiable``."""
+    from autoglm_train.eval import assistant, verifiable
+
+    deadline = time.monotonic() + args.time_limit
+    if args.chat:
+        items = assistant.read_chat(args.chat, args.max_prompts)
+        report.rows += assistant.kl_rows(server, items, args.workers, deadline)
+        row, report.samples["chat"] = assistant.english_row(server, items, args.chat_tokens, args.workers, deadline)
+        report.rows.append(row)
+    if args.verifiable:
+        questions = verifiable.read_verifiable(args.verifiable, args.max_prompts)
+        budgets = (args.think_tokens, args.direct_tokens)
+        rows, report.samples["verifiable"] = verifiable.verifiable_rows(
+            server, questions, *budgets, args.workers, deadline
+        )
+        report.rows += rows
 
 
 def main(argv: list[str] | None = None) -> None:

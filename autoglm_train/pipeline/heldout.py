@@ -1,13 +1,16 @@
 """Write the runs' held-out data as files a client can send: text jsonl, digit PNGs, speech WAVs.
 
-    python -m autoglm_train.pipeline.heldout --distill RUN --vision RUN --speech RUN --out DIR
+    python -m autoglm_train.pipeline.heldout --distill RUN --vision RUN --speech RUN --out DIR \
+        [--bundle B --chat N --verifiable N --answer-tokens N]
 
 The text is the distill run's validation split; the images and clips are the plugin runs' own
 held-out (test) split, rebuilt from each run's saved config with the same seeded split, so the
 server is never evaluated on an item its plugin trained on. Each row carries the run's own question and
 generation budget, so the served score is measured on the items and settings of the training-time one.
-``tools/eval_server.py`` reads the
-jsonl files (``texts.jsonl``, ``images.jsonl``, ``audio.jsonl``); ``manifest.json`` is written last.
+With ``--chat``/``--verifiable``, the held-out chat prompts with
+the distill run's teacher's sampled answers and the held-out verifiable questions are written too
+(:mod:`.heldout_assistant`). ``tools/eval_server.py`` reads the jsonl files (``texts.jsonl``,
+``images.jsonl``, ``audio.jsonl``, ``chat.jsonl``, ``verifiable.jsonl``); ``manifest.json`` is written last.
 """
 
 from __future__ import annotations
@@ -90,6 +93,25 @@ def write_audio(run: Path, out: Path, count: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _assistant(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
+    """The held-out chat and verifiable files' manifest entries (with the teacher answers' build stats)."""
+    from autoglm_train.pipeline import heldout_assistant as assistant
+
+    entries: dict[str, dict[str, Any]] = {}
+    if args.chat:
+        stats = assistant.write_chat(args.distill, args.bundle, out, args.chat, args.answer_tokens)
+        entries["chat"] = {
+            "items": stats.pop("items"),
+            "file": assistant.CHAT_FILE,
+            "source_run": str(args.distill),
+            "teacher_answers": stats,
+        }
+    if args.verifiable:
+        items = assistant.write_verifiable(out, args.verifiable)
+        entries["verifiable"] = {"items": items, "file": assistant.VERIFIABLE_FILE, "source": "heldout_verifiable"}
+    return entries
+
+
 def _budget(run: Path) -> int:
     """The run's held-out generation budget: the served evaluation asks for the same ``max_tokens``."""
     return int(json.loads((run / "run_summary.json").read_text())["eval_max_new_tokens"])
@@ -118,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder to create (written atomically)")
     p.add_argument("--texts", type=int, default=64, help="held-out texts at most")
     p.add_argument("--items", type=int, default=None, help="images and clips at most, each (default: all held out)")
+    p.add_argument("--bundle", type=Path, help="the exported bundle whose chat template renders the chat prompts")
+    p.add_argument("--chat", type=int, default=0, help="held-out chat prompts answered by the teacher (0: none)")
+    p.add_argument("--verifiable", type=int, default=0, help="held-out verifiable questions (0: none)")
+    p.add_argument("--answer-tokens", type=int, default=64, help="longest teacher answer to a chat prompt")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
@@ -129,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             counts["audio"] = len(write_audio(args.speech, tmp, args.items))
         sources = {"texts": args.distill, "images": args.vision, "audio": args.speech}
         manifest = {k: {"items": n, "file": f"{k}.jsonl", "source_run": str(sources[k])} for k, n in counts.items()}
+        manifest.update(_assistant(args, tmp))
+        counts.update({k: v["items"] for k, v in manifest.items()})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)
         os.replace(tmp, args.out)

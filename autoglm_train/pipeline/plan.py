@@ -3,7 +3,8 @@
 <root>/distill/          train.py recipe=distill + int8 (student/, student_int8/, run_summary.json, logs/)
 <root>/vision/ speech/   train.py recipe=add_modality against distill/student (plugins/<name>/, run_summary.json)
 <root>/bundle/           tools/export/export.py (manifest.json with parity)
-<root>/eval/             compare.json (teacher/student/int8), data/ (held-out media), server.json (via the API)
+<root>/eval/             compare.json (teacher/student/int8), data/ (held-out media, chat prompts with teacher
+                         answers, verifiable questions), server.json (via the API)
 <root>/report/           report.md, report.html, *.png, report.json
 <root>/logs/<stage>.log  everything each command printed; <root>/pipeline.json: status and time per stage
 """
@@ -83,11 +84,14 @@ def build_stages(opts: Options) -> list[Stage]:
         ),
         Stage(
             "heldout",
-            "write the held-out text, digit images and speech clips the server is evaluated on",
+            "write the held-out text, digit images, speech clips, chat prompts with teacher answers and verifiable "
+            "questions the server is evaluated on",
             [
                 *(py, "-m", "autoglm_train.pipeline.heldout", "--distill", str(distill)),
                 *("--vision", str(vision), "--speech", str(speech), "--out", str(evals / "data")),
-                *("--texts", str(p.eval_texts), "--items", str(p.eval_items)),
+                *("--texts", str(p.eval_texts), "--items", str(p.eval_items), "--bundle", str(bundle)),
+                *("--chat", str(p.eval_chat), "--verifiable", str(p.eval_verifiable)),
+                *("--answer-tokens", str(p.eval_answer_tokens)),
             ],
             [evals / "data" / "manifest.json"],
         ),
@@ -98,6 +102,8 @@ def build_stages(opts: Options) -> list[Stage]:
                 *(py, "-m", "autoglm_train.pipeline.serve_eval", "--bundle", str(bundle)),
                 *("--data", str(evals / "data"), "--distill", str(distill), "--out", str(evals / "server.json")),
                 *("--server-log", str(root / "logs" / "server.log"), "--max-tokens", str(p.eval_max_tokens)),
+                *("--chat-tokens", str(p.eval_chat_tokens), "--think-tokens", str(p.eval_think_tokens)),
+                *("--direct-tokens", str(p.eval_direct_tokens)),
             ],
             [evals / "server.json"],
         ),

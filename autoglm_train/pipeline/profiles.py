@@ -51,11 +51,27 @@ class Profile:
     """Held-out images and audio clips sent to the server, each."""
     eval_max_tokens: int
     """Tokens per transcription through the server."""
+    eval_chat: int
+    """Held-out chat prompts the teacher answers and the server is judged on (KL on the answers, plain English)."""
+    eval_verifiable: int
+    """Held-out verifiable questions asked through the server, thinking on and off."""
+    eval_answer_tokens: int
+    """Longest teacher answer (sampled at temperature 1) to a held-out chat prompt."""
+    eval_chat_tokens: int
+    """Tokens per greedy student answer to a chat prompt (the plain-English check)."""
+    eval_think_tokens: int
+    """Tokens per thinking-on answer to a verifiable question: room for the worked steps and the answer."""
+    eval_direct_tokens: int
+    """Tokens per thinking-off answer to a verifiable question."""
     minutes: str
     """Wall time measured on 2 idle CPU cores (printed at the start; other jobs on the cores stretch it)."""
 
     def __post_init__(self) -> None:
-        for field in ("compare_blocks", "speed_tokens", "speed_repeats", "eval_texts", "eval_items", "eval_max_tokens"):
+        for field in (
+            *("compare_blocks", "speed_tokens", "speed_repeats", "eval_texts", "eval_items", "eval_max_tokens"),
+            *("eval_chat", "eval_verifiable", "eval_answer_tokens", "eval_chat_tokens"),
+            *("eval_think_tokens", "eval_direct_tokens"),
+        ):
             if getattr(self, field) < 1:
                 raise ValueError(f"profile {self.name}: {field} must be >= 1")
 
@@ -72,6 +88,12 @@ QUICK = Profile(
     eval_texts=4,
     eval_items=4,
     eval_max_tokens=4,
+    eval_chat=4,
+    eval_verifiable=6,
+    eval_answer_tokens=8,
+    eval_chat_tokens=8,
+    eval_think_tokens=16,
+    eval_direct_tokens=8,
     minutes="1",
 )
 
@@ -91,6 +113,12 @@ DEFAULT = Profile(
     eval_texts=64,
     eval_items=1000,  # every held-out image and clip: the served score is on the training-time items
     eval_max_tokens=8,
+    eval_chat=150,  # the issue's held-out sets: >= 150 chat prompts, >= 300 verifiable questions
+    eval_verifiable=300,
+    eval_answer_tokens=64,
+    eval_chat_tokens=48,
+    eval_think_tokens=160,
+    eval_direct_tokens=24,
     minutes="19",
 )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,36 @@ class Document:
                     "rows": [[{"text": c.text, "value": c.value, "source": c.source} for c in row] for row in t.rows],
                 }
         return out
+
+
+# --- cell formatting (one place, so a test can re-format a source value and find it in the report) ---
+def fmt(value: Any) -> str:
+    """Numbers to 4 significant digits, integers with separators, booleans as yes/no."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_mb(value: Any) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f} MB"
+
+
+def cell(data: dict[str, Any] | None, key: str, source: str, form: Callable[[Any], str] = fmt) -> Cell:
+    """``data[key]`` as a cell remembering ``source#key``; a dotted key walks nested dicts."""
+    value: Any = data
+    for part in key.split(".") if "." in key and key not in (data or {}) else [key]:
+        value = value.get(part) if isinstance(value, dict) else None
+    return Cell(form(value), value, f"{source}#{key}")
+
+
+def text(value: str) -> Cell:
+    return Cell(value)
 
 
 def _md_cell(text: str) -> str:

@@ -13,13 +13,26 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from autoglm_train.pipeline.assistant_report import ASSISTANT_PREFIXES, assistant_section
 from autoglm_train.pipeline.plan import STAGES
 from autoglm_train.pipeline.plots import distill_curves, plugin_curves
-from autoglm_train.pipeline.render import Cell, Code, Document, Figure, Heading, Para, Table, to_html, to_markdown
+from autoglm_train.pipeline.render import (
+    Cell,
+    Code,
+    Document,
+    Figure,
+    Heading,
+    Para,
+    Table,
+    cell,
+    fmt,
+    fmt_mb,
+    text,
+    to_html,
+    to_markdown,
+)
 from autoglm_train.pipeline.sources import read_json, read_metrics
 
 QUALITY_CURVES = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_quality_curves.png"
@@ -28,36 +41,6 @@ QUALITY_CURVES = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_q
 PLUGINS = ("vision", "speech")
 COMPARE_COLUMNS = ["model", "params", "weights", "ppl", "KL(teacher‖·) nats/tok", "top-1 agree w/ teacher"]
 COMPARE_COLUMNS += ["decode tok/s", "prefill ms"]
-
-
-# --- cell formatting (one place, so a test can re-format a source value and find it in the report) ---------------
-def fmt(value: Any) -> str:
-    """Numbers to 4 significant digits, integers with separators, booleans as yes/no."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def fmt_mb(value: Any) -> str:
-    return "–" if value is None else f"{value / 1e6:.2f} MB"
-
-
-def cell(data: dict[str, Any] | None, key: str, source: str, form: Callable[[Any], str] = fmt) -> Cell:
-    """``data[key]`` as a cell remembering ``source#key``; a dotted key walks nested dicts."""
-    value: Any = data
-    for part in key.split(".") if "." in key and key not in (data or {}) else [key]:
-        value = value.get(part) if isinstance(value, dict) else None
-    return Cell(form(value), value, f"{source}#{key}")
-
-
-def text(value: str) -> Cell:
-    return Cell(value)
 
 
 # --- sections -----------------------------------------------------------------------------------------------------
@@ -258,6 +241,7 @@ def server_section(doc: Document, root: Path) -> None:
             text(r.get("note", "")),
         ]
         for r in result["rows"]
+        if not r["metric"].startswith(ASSISTANT_PREFIXES)  # those have their own section
     ]
     doc.add(
         Table(
@@ -345,6 +329,7 @@ def build(root: Path) -> Document:
     plugins_section(doc, root, figures)
     export_section(doc, root)
     server_section(doc, root)
+    assistant_section(doc, root)
     return doc
 
 

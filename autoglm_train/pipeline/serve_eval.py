@@ -90,6 +90,19 @@ def teacher_path(distill_run: Path) -> str:
     return teacher_dir(instantiate(run_config(distill_run).teacher))
 
 
+def _assistant_args(args: argparse.Namespace, data: dict) -> list[str]:
+    """The evaluation client's held-out chat / verifiable arguments, where the held-out data has them."""
+    cmd = []
+    if "chat" in data:
+        cmd += ["--chat", str(args.data / data["chat"]["file"]), "--chat-tokens", str(args.chat_tokens)]
+    if "verifiable" in data:
+        cmd += ["--verifiable", str(args.data / data["verifiable"]["file"])]
+        cmd += ["--think-tokens", str(args.think_tokens), "--direct-tokens", str(args.direct_tokens)]
+    if cmd:
+        cmd += ["--max-prompts", str(max(data.get(k, {}).get("items", 0) for k in ("chat", "verifiable")))]
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m autoglm_train.pipeline.serve_eval", description=__doc__.split("\n\n")[0]
@@ -100,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="the evaluation's JSON")
     p.add_argument("--server-log", required=True, type=Path)
     p.add_argument("--max-tokens", type=int, default=8, help="tokens per transcription")
+    p.add_argument("--chat-tokens", type=int, default=48, help="tokens per greedy chat answer")
+    p.add_argument("--think-tokens", type=int, default=160, help="tokens per thinking-on verifiable answer")
+    p.add_argument("--direct-tokens", type=int, default=24, help="tokens per thinking-off verifiable answer")
     args = p.parse_args(argv)
 
     data = json.loads((args.data / "manifest.json").read_text())
@@ -113,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if "audio" in data:
         cmd += ["--audio", str(args.data / "audio.jsonl"), "--max-tokens", str(args.max_tokens)]
     cmd += ["--max-items", str(max(data.get(k, {}).get("items", 0) for k in ("images", "audio")) or 1)]
+    cmd += _assistant_args(args, data)
     env = {**os.environ, KEY_ENV: secrets.token_urlsafe(24)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with serving(args.bundle, args.server_log, env) as base_url:
