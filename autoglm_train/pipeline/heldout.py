@@ -107,7 +107,7 @@ def _assistant(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]
             "teacher_answers": stats,
         }
     if args.verifiable:
-        items = assistant.write_verifiable(out, args.verifiable)
+        items = assistant.write_verifiable(out, args.verifiable, args.distill)
         entries["verifiable"] = {"items": items, "file": assistant.VERIFIABLE_FILE, "source": "heldout_verifiable"}
     return entries
 

@@ -3,11 +3,12 @@
 ``chat.jsonl``: per held-out chat prompt (:func:`~autoglm_train.data.prompt_sources.heldout_chat`, hand-written,
 never in a training set), the ``prompt_ids`` the server renders for it thinking-off
 (:func:`~autoglm_train.data.chat.prompt_ids` with the bundle's chat template), and the distill run's teacher's
-answer **sampled at temperature 1, top_p 1** under exactly those ids
-(:func:`~autoglm_train.distill.teacher_answers.teacher_answers`, cached on disk like the training answers): its
+answer **sampled at temperature 1, top_p 1** after the same messages rendered with the teacher's own chat template
+(as training asks it, :meth:`~autoglm_train.data.assistant_datamodule.AssistantDataModule.teacher_prompts`;
+:func:`~autoglm_train.distill.teacher_answers.teacher_answers`, cached on disk like the training answers): its
 ``answer_ids``, the teacher's log-probability of each (``teacher_logprobs``) and its most likely token at each
 position (``teacher_top1``). Samples of the teacher itself are what make the client's mean log-ratio an unbiased
-estimate of KL(teacher‖student) (:mod:`autoglm_train.eval.assistant`).
+estimate of KL(teacher as it is used ‖ student as it is served) (:mod:`autoglm_train.eval.assistant`).
 
 ``verifiable.jsonl``: the first held-out verifiable questions (:func:`~autoglm_train.data.assistant_prompts.
 heldout_verifiable`, round-robin over the families, each from its own fixed seed) with gold answer and family.
@@ -67,8 +68,8 @@ def _teacher(distill: Path):
             "generated in-process"
         )
     cache = OmegaConf.select(config, "paths.cache_dir") or str(Path(".cache"))
-    kd_vocab = len(load_teacher_tokenizer(spec))
-    return load_teacher(spec), teacher_fingerprint(spec), kd_vocab, Path(cache) / ANSWER_CACHE
+    own = load_teacher_tokenizer(spec)
+    return load_teacher(spec), own, teacher_fingerprint(spec), len(own), Path(cache) / ANSWER_CACHE
 
 
 def write_chat(distill: Path, bundle: Path | None, out: Path, count: int, max_new_tokens: int) -> dict[str, Any]:
@@ -79,34 +80,41 @@ def write_chat(distill: Path, bundle: Path | None, out: Path, count: int, max_ne
 
     tokenizer, template = chat_template(distill, bundle)
     conversations = [[{"role": "user", "content": p}] for p in heldout_chat()[:count]]
-    prompts = [prompt_ids(tokenizer, template, m, enable_thinking=False) for m in conversations]
-    teacher, teacher_id, kd_vocab, cache_root = _teacher(distill)
+    served = [prompt_ids(tokenizer, template, m, enable_thinking=False) for m in conversations]
+    teacher, own, teacher_id, kd_vocab, cache_root = _teacher(distill)
+    asked = [prompt_ids(own, own.chat_template or template, m, enable_thinking=False) for m in conversations]
     answers, stats = teacher_answers(
-        teacher, tokenizer, prompts, _answer_spec(max_new_tokens), cache_root, teacher_id, kd_vocab
+        teacher, tokenizer, asked, _answer_spec(max_new_tokens), cache_root, teacher_id, kd_vocab
     )
     rows = [
         {
             "messages": messages,
-            "prompt_ids": answer.prompt_ids,
+            "prompt_ids": prompt,
             "answer_ids": answer.answer_ids,
             "teacher_logprobs": [float(v) for v in answer.token_logprobs],
             "teacher_top1": [int(v) for v in answer.topk_ids[:, 0]],
             "teacher_content": answer.content,
             "finished": bool(answer.finished),
         }
-        for messages, answer in zip(conversations, answers, strict=True)
+        for messages, prompt, answer in zip(conversations, served, answers, strict=True)
     ]
     _jsonl(out / CHAT_FILE, rows)
     return {**stats, "items": len(rows), "answer_tokens": sum(len(r["answer_ids"]) for r in rows)}
 
 
-def write_verifiable(out: Path, count: int) -> int:
-    """``out/verifiable.jsonl``: the first ``count`` held-out questions (every family, round-robin)."""
-    from autoglm_train.data.assistant_prompts import heldout_verifiable
+def write_verifiable(out: Path, count: int, distill: Path | None = None) -> int:
+    """``out/verifiable.jsonl``: the first ``count`` held-out questions of the families the distill run trained on
+    (``data.families``; every family without a run or a list), round-robin: the set that run never saw."""
+    from omegaconf import OmegaConf
 
+    from autoglm_train.data.assistant_prompts import heldout_verifiable
+    from autoglm_train.data.verifiable.families import FAMILIES
+    from autoglm_train.eval.heldout_text import run_config
+
+    families = OmegaConf.select(run_config(distill), "data.families") if distill is not None else None
     rows = [
         {"messages": [{"role": "user", "content": item.question}], "answer": item.answer, "family": item.family}
-        for item in heldout_verifiable(count=count)
+        for item in heldout_verifiable(list(families or FAMILIES), count=count)
     ]
     _jsonl(out / VERIFIABLE_FILE, rows)
     return len(rows)
