@@ -69,9 +69,9 @@ def _expected(family: str, question: str) -> str:
         days = next(int(w) for w in words if w.isdigit())
         return WEEKDAYS[(WEEKDAYS.index(today) + days) % 7]
     numbers = [int(w) for w in question.replace("?", " ").replace(".", " ").replace(":", " ").split() if w.isdigit()]
-    if family == "addition":
+    if family.startswith("addition"):
         return str(numbers[0] + numbers[1])
-    if family == "subtraction":
+    if family.startswith("subtraction"):
         a, b = (numbers[1], numbers[0]) if question.startswith("Subtract") else numbers
         return str(a - b)
     if family == "multiplication":

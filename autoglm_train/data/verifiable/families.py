@@ -144,17 +144,19 @@ def _three_digit(rng: random.Random) -> int:
     return rng.randint(100, 999)
 
 
-def _addition(rng: random.Random) -> VerifiableItem:
-    a, b = _three_digit(rng), _three_digit(rng)
+def _addition(rng: random.Random, digits: int = 3, family: str = "addition") -> VerifiableItem:
+    low = 10 ** (digits - 1)
+    a, b = rng.randint(low, 10 * low - 1), rng.randint(low, 10 * low - 1)
     template = rng.choice(("What is {a} + {b}?", "Calculate {a} + {b}.", "Add {a} and {b}."))
-    return VerifiableItem("addition", template.format(a=a, b=b), *solve_addition(a, b))
+    return VerifiableItem(family, template.format(a=a, b=b), *solve_addition(a, b))
 
 
-def _subtraction(rng: random.Random) -> VerifiableItem:
-    a, b = rng.sample(range(100, 1000), 2)
+def _subtraction(rng: random.Random, digits: int = 3, family: str = "subtraction") -> VerifiableItem:
+    low = 10 ** (digits - 1)
+    a, b = rng.sample(range(low, 10 * low), 2)
     a, b = max(a, b), min(a, b)
     template = rng.choice(("What is {a} - {b}?", "Calculate {a} - {b}.", "Subtract {b} from {a}."))
-    return VerifiableItem("subtraction", template.format(a=a, b=b), *solve_subtraction(a, b))
+    return VerifiableItem(family, template.format(a=a, b=b), *solve_subtraction(a, b))
 
 
 def _multiplication(rng: random.Random) -> VerifiableItem:
@@ -207,6 +209,9 @@ _GENERATORS: dict[str, Callable[[random.Random], VerifiableItem]] = {
     "digit_sum": _digit_sum,
     "word_count": _word_count,
     "weekday": _weekday,
+    # two-digit sums and differences: the same column traces, learned within the CPU demo's few minutes
+    "addition_2digit": lambda rng: _addition(rng, 2, "addition_2digit"),
+    "subtraction_2digit": lambda rng: _subtraction(rng, 2, "subtraction_2digit"),
 }
 FAMILIES: tuple[str, ...] = tuple(_GENERATORS)
 
