@@ -9,8 +9,8 @@ help:  ## list targets
 setup:  ## venv with CPU torch (unless a GPU is present) + the package and its extras
 	bash scripts/setup.sh
 
-demo: setup  ## distill SmolLM2-135M into a tiny GLM student initialised from it, on the embedded Shakespeare corpus
-	$(PY) train.py experiment=distill_cpu
+demo: setup  ## distill SmolLM2-135M into an 8-layer GLM assistant: its answers to the built-in chat prompts + worked steps (hybrid thinking)
+	$(PY) train.py experiment=assistant_cpu
 
 demo-all: setup  ## teacher → student → int8 → plugins → bundle → served + evaluated → outputs/demo/report/ (ARGS=--quick)
 	$(PY) -m autoglm_train.pipeline $(ARGS)

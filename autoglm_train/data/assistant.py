@@ -134,7 +134,7 @@ def read_conversations(spec: AssistantDataSpec) -> tuple[list[dict], ReadReport]
     docs: list[dict] = []
     report = ReadReport(source=f"builtin:{root}")
     for name in TRAIN_FILES:
-        if not (root / name).is_file():
+        if not (root / name).is_file() or (root / name).stat().st_size == 0:  # chat_train=0 / verifiable_train=0
             continue
         part = read_chat(str(root / name), **kw)
         docs += part.documents

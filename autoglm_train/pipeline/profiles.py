@@ -1,4 +1,4 @@
-"""How big each pipeline stage runs: ``quick`` (the smoke run, ~1 min) and ``default`` (the documented demo, ~19 min).
+"""How big each pipeline stage runs: ``quick`` (the smoke run, ~2 min) and ``default`` (the documented demo, ~25 min).
 
 A profile is only Hydra overrides for ``train.py`` and arguments for the other CLIs, so every
 number here is one a user could type; nothing changes what the stages do, only how long.
@@ -78,7 +78,12 @@ class Profile:
 
 QUICK = Profile(
     name="quick",
-    distill=("debug=fast", "quant.ptq.eval_batches=2", "recipe.sample_max_new_tokens=4", _NO_BAR),
+    # the default's assistant recipe on a handful of prompts and questions, a 2-layer student
+    distill=(
+        *("experiment=assistant_cpu", "debug=fast", "model.num_hidden_layers=2"),
+        *("data.chat_train=8", "data.verifiable_train=24", "recipe.teacher_answers.max_new_tokens=8"),
+        *("quant.ptq.eval_batches=2", "recipe.sample_max_new_tokens=4", _NO_BAR),
+    ),
     vision=("data_mm=digits", *_TINY_PLUGIN),
     speech=("experiment=speech_digits_cpu", "data_mm.source.num_utterances=48", *_TINY_PLUGIN),
     export=("--gguf", "none", "--no-onnx"),
@@ -99,27 +104,27 @@ QUICK = Profile(
 
 DEFAULT = Profile(
     name="default",
-    # make demo's recipe: teacher-initialised student, 250 steps of 4 x 128 tokens (conf/experiment/distill_cpu.yaml)
-    distill=("experiment=distill_cpu", _NO_BAR),
-    # the CPU vision experiment (conv stem) on half its schedule: 51% held-out digit accuracy in 8 min where its
-    # full 3,000 steps reach 95% in 16 min (README, "Add a modality")
-    vision=("experiment=vision_digits_cpu", "trainer.max_steps=1500", _NO_BAR),
+    # make demo's recipe (conf/experiment/assistant_cpu.yaml): the teacher-initialised 8-layer student distilled on the
+    # teacher's answers to the built-in chat prompts and on solver-written worked steps (hybrid thinking)
+    distill=("experiment=assistant_cpu", _NO_BAR),
+    # the CPU vision experiment (conv stem) on a 500-step schedule (its full 3,000 steps reach 95% in 16 min)
+    vision=("experiment=vision_digits_cpu", "trainer.max_steps=500", "trainer.val_check_interval=250", _NO_BAR),
     # the experiment's own 600 steps: at 400, one of four runs stayed on the loss plateau it starts on
     speech=("experiment=speech_digits_cpu", _NO_BAR),
     export=(),
-    compare_blocks=32,
+    compare_blocks=16,
     speed_tokens=32,
-    speed_repeats=3,
-    eval_texts=64,
+    speed_repeats=2,
+    eval_texts=32,
     eval_items=1000,  # every held-out image and clip: the served score is on the training-time items
     eval_max_tokens=8,
     eval_chat=150,  # the issue's held-out sets: >= 150 chat prompts, >= 300 verifiable questions
     eval_verifiable=300,
-    eval_answer_tokens=64,
+    eval_answer_tokens=48,
     eval_chat_tokens=48,
-    eval_think_tokens=160,
-    eval_direct_tokens=24,
-    minutes="19",
+    eval_think_tokens=120,
+    eval_direct_tokens=16,
+    minutes="25",
 )
 
 PROFILES = {p.name: p for p in (QUICK, DEFAULT)}

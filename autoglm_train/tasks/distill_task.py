@@ -25,6 +25,7 @@ from autoglm_train.model.next_token_metrics import perplexity
 from autoglm_train.tasks.sharding import call_through_root, fully_shard_decoder
 from autoglm_train.tasks.student_build import StudentFactory, build_student
 from autoglm_train.tasks.throughput import distill_step_flops
+from autoglm_train.utils.batches import trim_right_padding
 from autoglm_train.utils.sharded_checkpoint import assert_student_only
 
 
@@ -209,6 +210,7 @@ class DistillTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         batch, gen_seconds = self.maybe_on_policy(batch)
+        batch = trim_right_padding(batch)  # padded conversation rows: the decoder runs on the longest row only
         out, _, _ = call_through_root(self.student, self._loss, batch, gen_seconds is None)
         bs = batch["input_ids"].shape[0]
         if self.loss.on_policy.lmbda > 0:
@@ -224,6 +226,7 @@ class DistillTask(L.LightningModule):
         self._val = {"nll": 0.0, "tokens": 0.0, "agree": 0.0, "kl": 0.0, "kd_tokens": 0.0}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        batch = trim_right_padding(batch)
         out, agree, kl, kd_tokens = call_through_root(self.student, self._val_metrics, batch)
         n = float(out.num_tokens)
         self._val["nll"] += float(out.ce_loss) * n
