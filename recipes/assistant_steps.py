@@ -12,6 +12,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from autoglm_train.data.assistant_datamodule import AssistantDataModule
+from autoglm_train.tasks.trainer_factory import fault_tolerance
 
 
 def attach_teacher_answers(
@@ -39,6 +40,8 @@ def attach_teacher_answers(
         Path(cfg.paths.cache_dir) / "teacher_answers",
         teacher_fingerprint(teacher_spec),
         kd_vocab,
+        # global rank 0 writes the answers; the other ranks (torchrun, srun) wait for them instead of asking again
+        wait_s=None if trainer.global_rank == 0 else float(fault_tolerance(cfg)["rendezvous_timeout_s"]),
     )
     data.attach_teacher_answers(answers)
     return stats

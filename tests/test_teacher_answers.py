@@ -224,3 +224,12 @@ def test_a_reasoning_teachers_output_is_split_like_the_server_splits_it(tok, tmp
     # A plain answer has no reasoning.
     untrained, _ = teacher_answers(_llama(tok), tok, [plain], GREEDY, tmp_path, "tiny", len(tok))
     assert untrained[0].reasoning is None
+
+
+def test_other_ranks_wait_for_rank_zeros_answers_and_never_generate(tok, teacher_dir, tmp_path):
+    teacher, prompts = _load(teacher_dir), _prompts(tok)
+    with pytest.raises(TimeoutError, match=f"{len(prompts)} of {len(prompts)} answers still missing"):
+        teacher_answers(teacher, tok, prompts, GREEDY, tmp_path, "tiny", len(tok), wait_s=0.5)
+    first, _ = teacher_answers(teacher, tok, prompts, GREEDY, tmp_path, "tiny", len(tok))  # rank 0 writes them
+    waited, stats = teacher_answers(teacher, tok, prompts, GREEDY, tmp_path, "tiny", len(tok), wait_s=0.5)
+    assert stats["generated"] == 0 and [a.answer_ids for a in waited] == [a.answer_ids for a in first]

@@ -132,6 +132,7 @@ def teacher_answers(
     teacher_id: str,
     kd_vocab: int,
     log_every: int = 10,
+    wait_s: float | None = None,
 ) -> tuple[list[TeacherAnswer], dict[str, Any]]:
     """The teacher's answer to every prompt, generated where the cache lacks it.
 
@@ -144,6 +145,8 @@ def teacher_answers(
         teacher_id: names the teacher's weights (:func:`teacher_fingerprint`).
         kd_vocab: the ids KD compares; log-probs are normalised over them and answers drawn from them.
         log_every: batches between progress lines.
+        wait_s: generate nothing: wait up to this long for another process (global rank 0 of a multi-rank run) to
+            cache every answer, then read them; a TimeoutError names what is still missing.
 
     Returns:
         The answers in prompt order, and stats ``{"generated", "reused", "seconds", "new_tokens", "cache_dir",
@@ -162,6 +165,8 @@ def teacher_answers(
         raise ValueError(f"teacher answers: prompts {empty[:10]} are empty (a rendered chat prompt has ids)")
     keys = [prompt_key(p) for p in prompts]
     where = cached_keys(directory)
+    if wait_s is not None:
+        where = _wait_for(directory, set(keys), where, wait_s)
     missing = {k: p for k, p in zip(keys, prompts, strict=True) if k not in where}
     reused = len(set(keys)) - len(missing)
     new_tokens = _generate_missing(teacher, tokenizer, list(missing.values()), spec, directory, kd_vocab, log_every)
@@ -183,6 +188,20 @@ def teacher_answers(
         stats["generated"], reused, stats["seconds"], 100 * stats["finished_share"], directory,
     )  # fmt: skip
     return ordered, stats
+
+
+def _wait_for(directory: Path, keys: set[str], where: dict[str, Path], wait_s: float) -> dict[str, Path]:
+    """``cached_keys`` once every one of ``keys`` is there (polled every second), or a TimeoutError."""
+    deadline = time.monotonic() + wait_s
+    while not keys <= where.keys():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"teacher answers: {len(keys - where.keys())} of {len(keys)} answers still missing from {directory} "
+                f"after {wait_s:.0f} s (global rank 0 writes them; is it alive?)"
+            )
+        time.sleep(1.0)
+        where = cached_keys(directory)
+    return where
 
 
 def _generate_missing(

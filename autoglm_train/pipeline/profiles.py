@@ -107,8 +107,8 @@ DEFAULT = Profile(
     # make demo's recipe (conf/experiment/assistant_cpu.yaml): the teacher-initialised 8-layer student distilled on the
     # teacher's answers to the built-in chat prompts and on solver-written worked steps (hybrid thinking)
     distill=("experiment=assistant_cpu", _NO_BAR),
-    # the CPU vision experiment (conv stem) on a 500-step schedule (its full 3,000 steps reach 95% in 16 min)
-    vision=("experiment=vision_digits_cpu", "trainer.max_steps=500", "trainer.val_check_interval=250", _NO_BAR),
+    # the CPU vision experiment (conv stem) on a 400-step schedule (its full 3,000 steps reach 95% in 16 min)
+    vision=("experiment=vision_digits_cpu", "trainer.max_steps=400", "trainer.val_check_interval=200", _NO_BAR),
     # the experiment's own 600 steps: at 400, one of four runs stayed on the loss plateau it starts on
     speech=("experiment=speech_digits_cpu", _NO_BAR),
     export=(),
