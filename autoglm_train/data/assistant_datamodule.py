@@ -48,7 +48,9 @@ class AssistantDataModule(TextDataModule):
         super().__init__(spec, tokenizer)  # type: ignore[arg-type]  # the loaders read only the shared fields
         self.template = bundle_chat_template(tokenizer)
         self._docs: tuple[list[tuple[int, dict]], list[tuple[int, dict]], Any] | None = None
-        self._answers: dict[int, TeacherTurn] | None = None
+        self._answers: dict[int, tuple[TeacherTurn, bool]] | None = None
+        self._teacher_prompts: list[list[int]] | None = None  # what teacher_prompts() asked, to check the answers
+        self._thinking: dict[int, bool] = {}  # per prompt-only row: was the teacher asked to think
         self.text = TextDataModule(spec.text, tokenizer) if spec.text_share > 0 else None
 
     def conversations(self) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
@@ -87,7 +89,7 @@ class AssistantDataModule(TextDataModule):
         positions = self._prompt_positions()
         if len(answers) != len(positions):
             raise ValueError(f"{len(answers)} teacher answers for {len(positions)} prompts")
-        asked = getattr(self, "_teacher_prompts", None)
+        asked = self._teacher_prompts
         if asked is None or any(list(a.prompt_ids) != p for a, p in zip(answers, asked, strict=True)):
             raise ValueError("teacher answers do not answer the prompts of teacher_prompts() (stale answers?)")
         self._answers = {pos: (answer, self._thinking[pos]) for pos, answer in zip(positions, answers, strict=True)}

@@ -27,10 +27,11 @@ def val_batches(run: str | Path, tokenizer, blocks: int, batch_size: int = 4) ->
 
     data_cfg = run_config(run).data
     if str(data_cfg.get("_target_", "")).endswith("AssistantDataSpec"):
+        run_data = data_cfg
         # an assistant run: its text corpus (data.text, Shakespeare by default) at the run's block length, the
         # held-out text the comparison has always scored (its conversations' answers need the teacher's cache)
         data_cfg = data_cfg.text.copy()
-        data_cfg.seq_len, data_cfg.seed = run_config(run).data.seq_len, run_config(run).data.seed
+        data_cfg.seq_len, data_cfg.seed = run_data.seq_len, run_data.seed
     elif "source" not in data_cfg:
         raise ValueError(f"{run}: data={data_cfg.get('_target_')} has no held-out text to score (data=chat runs)")
     spec = instantiate(data_cfg, max_val_blocks=blocks, eval_batch_size=batch_size)
